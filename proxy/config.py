@@ -1,0 +1,388 @@
+"""Settings: one typed, frozen object, resolved and validated once at start-up.
+
+Sources, later ones winning: embedded defaults, the YAML file (``--config``,
+``APIYI_PROXY_CONFIG`` or ``config/proxy.yaml`` if present), environment variables.
+Secrets (the upstream key, the admin token, the key pepper) come only from the
+environment. This is the only module that reads ``os.environ``.
+
+Environment variables: the fixed names of SPEC section 9 (``APIYI_PROXY_UPSTREAM_URL``,
+``APIYI_PROXY_STORE_URL``, ``APIYI_PROXY_AUTH_MODE``, ``APIYI_PROXY_N_POLICY``), and for
+any other field ``APIYI_PROXY_<SECTION>__<FIELD>`` (``APIYI_PROXY_SERVER__PORT=9000``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_PREFIX = "APIYI_PROXY_"
+DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
+
+# Fixed environment names (SPEC section 9): name -> (section, field).
+FIXED_ENV = {
+    "APIYI_PROXY_UPSTREAM_URL": ("upstream", "base_url"),
+    "APIYI_PROXY_STORE_URL": ("store", "url"),
+    "APIYI_PROXY_AUTH_MODE": ("auth", "mode"),
+    "APIYI_PROXY_N_POLICY": ("policy", "n"),
+}
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One upstream model the proxy serves."""
+
+    name: str
+    price_usd: float = 0.03
+    # Explicit sizes; empty means the built-in table for the model's family.
+    sizes: tuple[str, ...] = ()
+
+    @property
+    def price_micros(self) -> int:
+        return round(self.price_usd * 1_000_000)
+
+
+def _default_models() -> tuple[ModelSettings, ...]:
+    return (ModelSettings("gpt-image-2-vip"), ModelSettings("gpt-image-2-all"))
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str = "https://api.apiyi.com/v1"
+    api_key: str | None = field(default=None, repr=False)
+    client: Literal["aiohttp", "httpx"] = "aiohttp"
+    connect_timeout: float = 10.0
+    read_timeout: float = 360.0
+    write_timeout: float = 60.0
+    max_connections: int = 10_000
+    keepalive_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class PolicySettings:
+    default_model: str = "gpt-image-2-vip"
+    models: tuple[ModelSettings, ...] = field(default_factory=_default_models)
+    model_aliases: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "gpt-image-1": "gpt-image-2-vip",
+            "gpt-image-1.5": "gpt-image-2-vip",
+            "gpt-image-1-mini": "gpt-image-2-all",
+            "dall-e-3": "gpt-image-2-vip",
+        }
+    )
+    size_aliases: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "1024x1024": "1280x1280",
+            "1536x1024": "1280x848",
+            "1024x1536": "848x1280",
+        }
+    )
+    n: Literal["reject", "strip", "fanout"] = "reject"
+    max_n: int = 10
+    unsupported_fields: Literal["strip", "reject"] = "strip"
+    default_response_format: Literal["url", "b64_json"] = "b64_json"
+    b64_prefix: Literal["strip", "keep"] = "strip"
+    max_prompt_chars: int = 32_000
+    max_body_bytes: int = 64 * 1024
+    max_edit_body_bytes: int = 64 * 1024 * 1024
+    max_edit_images: int = 16
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    url: str = "memory://"
+    # Every store call is bounded by this; past it the request fails closed (503).
+    timeout_seconds: float = 0.5
+    on_error: Literal["closed", "open"] = "closed"
+    key_prefix: str = "apiyi"
+    max_connections: int = 64
+    # Replay bodies of idempotent calls live apart from the ledger so that a large
+    # image can never evict or block a budget write.
+    results_url: str = "memory://"
+    results_max_bytes: int = 32 * 1024 * 1024
+    results_total_bytes: int = 512 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    mode: Literal["keys", "passthrough"] = "keys"
+    admin_token: str | None = field(default=None, repr=False)
+    key_pepper: str | None = field(default=None, repr=False)
+    key_cache_seconds: float = 5.0
+
+
+@dataclass(frozen=True)
+class LedgerSettings:
+    timezone: str = "UTC"
+    # A hold expires this long after the upstream timeout would have fired.
+    hold_grace_seconds: float = 30.0
+    idempotency_ttl_seconds: int = 86_400
+    # How long an SDK retry (x-stainless-retry-count >= 1) may join a finished call.
+    retry_join_seconds: int = 600
+    # Default limits for new keys; 0 means unlimited.
+    default_daily_usd: float = 0.0
+    default_monthly_usd: float = 0.0
+    default_rpm: int = 0
+    default_concurrency: int = 0
+    teams: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    # Above the upstream read timeout, so in-flight generations finish on shutdown.
+    graceful_timeout_seconds: float = 380.0
+    metrics_port: int | None = None
+    fake_upstream: bool = False
+    backlog: int = 4096
+    limit_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+    access_log: bool = True
+
+
+@dataclass(frozen=True)
+class Settings:
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    ledger: LedgerSettings = field(default_factory=LedgerSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def model(self, name: str) -> ModelSettings | None:
+        for model in self.policy.models:
+            if model.name == name:
+                return model
+        return None
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved settings as plain data with every secret masked."""
+        data = dataclasses.asdict(self)
+        for section, name in SECRET_FIELDS:
+            if data[section][name]:
+                data[section][name] = "***"
+        return data
+
+
+SECRET_FIELDS = (("upstream", "api_key"), ("auth", "admin_token"), ("auth", "key_pepper"))
+SECRET_ENV = {
+    "APIYI_API_KEY": ("upstream", "api_key"),
+    "APIYI_PROXY_ADMIN_TOKEN": ("auth", "admin_token"),
+    "APIYI_PROXY_KEY_PEPPER": ("auth", "key_pepper"),
+}
+
+
+def load(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Resolve settings from defaults, the YAML file, the environment and CLI overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    config_path = _config_path(path, env)
+    if config_path is not None:
+        raw = _read_yaml(config_path)
+    for section, name in SECRET_FIELDS:
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            raise ConfigError(f"{section}.{name}: secrets come only from the environment")
+    _apply_env(raw, env)
+    for section, values in (overrides or {}).items():
+        for name, value in values.items():
+            if value is not None:
+                raw.setdefault(section, {})[name] = value
+    settings: Settings = _build(Settings, raw, "")
+    _validate(settings)
+    return settings
+
+
+def _config_path(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    if path is not None:
+        return Path(path)
+    if env.get("APIYI_PROXY_CONFIG"):
+        return Path(env["APIYI_PROXY_CONFIG"])
+    return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    sections = {f.name: f.type for f in dataclasses.fields(Settings)}
+    for name, value in env.items():
+        if name in FIXED_ENV:
+            section, key = FIXED_ENV[name]
+        elif name in SECRET_ENV:
+            section, key = SECRET_ENV[name]
+        elif name.startswith(ENV_PREFIX) and "__" in name:
+            section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+            if section not in sections:
+                raise ConfigError(f"{name}: unknown section {section!r}")
+        else:
+            continue
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: must be a mapping")
+        raw[section][key] = _parse_env_value(value)
+
+
+def _parse_env_value(value: str) -> Any:
+    # YAML scalars give numbers and booleans their types; lists and maps stay YAML.
+    try:
+        return yaml.safe_load(value) if value.strip() else value
+    except yaml.YAMLError:
+        return value
+
+
+def _build(cls: type[Any], raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{_join(where, str(key))}: unknown setting")
+    values = {key: _coerce(hints[key], value, _join(where, key)) for key, value in raw.items()}
+    return cls(**values)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: must be one of {choices}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)  # type: ignore[arg-type]
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: must be a list")
+        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict) or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: must be a mapping")
+        vt = args[1] if args else Any
+        return types.MappingProxyType(
+            {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+        )
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str | int | float) or isinstance(value, bool):
+            raise ConfigError(f"{where}: must be a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported setting type {tp!r}")
+
+
+def _validate(s: Settings) -> None:
+    def need(ok: bool, where: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{where}: {why}")
+
+    names = [m.name for m in s.policy.models]
+    need(bool(names), "policy.models", "at least one model is required")
+    need(len(set(names)) == len(names), "policy.models", "model names must be unique")
+    for i, m in enumerate(s.policy.models):
+        need(m.price_usd >= 0, f"policy.models[{i}].price_usd", "must be >= 0")
+    need(s.policy.default_model in names, "policy.default_model", "must name a configured model")
+    for alias, target in s.policy.model_aliases.items():
+        need(target in names, f"policy.model_aliases.{alias}", f"unknown model {target!r}")
+    need(1 <= s.policy.max_n <= 10, "policy.max_n", "must be 1..10")
+    need(s.policy.max_prompt_chars > 0, "policy.max_prompt_chars", "must be > 0")
+    need(s.policy.max_body_bytes >= 1024, "policy.max_body_bytes", "must be >= 1024")
+    need(s.policy.max_edit_body_bytes >= 1024, "policy.max_edit_body_bytes", "must be >= 1024")
+    need(
+        s.upstream.base_url.startswith(("http://", "https://")),
+        "upstream.base_url",
+        "must be an http:// or https:// URL",
+    )
+    for name in ("connect_timeout", "read_timeout", "write_timeout"):
+        need(getattr(s.upstream, name) > 0, f"upstream.{name}", "must be > 0")
+    need(s.upstream.max_connections >= 1, "upstream.max_connections", "must be >= 1")
+    scheme = s.store.url.partition("://")[0]
+    need(
+        scheme in ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel"),
+        "store.url",
+        "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
+    )
+    need(s.store.timeout_seconds > 0, "store.timeout_seconds", "must be > 0")
+    need(1 <= s.server.port <= 65535, "server.port", "must be 1..65535")
+    need(s.server.workers >= 1, "server.workers", "must be >= 1")
+    need(
+        s.server.workers == 1 or scheme != "memory",
+        "server.workers",
+        "several workers need a shared store (store.url redis://...); memory:// is per process",
+    )
+    need(
+        s.server.graceful_timeout_seconds >= 0,
+        "server.graceful_timeout_seconds",
+        "must be >= 0",
+    )
+    if scheme != "memory" and s.auth.mode == "keys":
+        need(
+            bool(s.auth.key_pepper),
+            "auth.key_pepper",
+            "APIYI_PROXY_KEY_PEPPER must be set with a shared store, or keys stop "
+            "matching after a restart",
+        )
+    try:
+        import zoneinfo
+
+        zoneinfo.ZoneInfo(s.ledger.timezone)
+    except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError) as exc:
+        raise ConfigError(f"ledger.timezone: unknown time zone {s.ledger.timezone!r}") from exc
