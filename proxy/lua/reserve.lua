@@ -1,0 +1,76 @@
+-- reserve: check key, budgets (key and team, day and month), concurrency and rpm
+-- (GCRA on this server's clock), then take the hold. All or nothing.
+-- KEYS[1]: the key record (routes the call; every key touched shares its hash tag)
+-- ARGV: base, key_id, hold_id, amount, day, month, ttl_ms, model
+local base, key_id, hold_id = ARGV[1], ARGV[2], ARGV[3]
+local amount, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local ttl = tonumber(ARGV[7])
+local now = now_ms()
+expire(base, now, 100)
+
+local key = redis.call('HMGET', KEYS[1],
+  'id', 'revoked', 'team', 'daily', 'monthly', 'rpm', 'concurrency')
+if not key[1] then return { 'unknown_key' } end
+if key[2] == '1' then return { 'revoked' } end
+local team = key[3] or ''
+
+local levels = {
+  { 'key', key_id, day, tonumber(key[4]) or 0, 'budget_key_daily' },
+  { 'key', key_id, month, tonumber(key[5]) or 0, 'budget_key_monthly' },
+}
+if team ~= '' then
+  local t = redis.call('HMGET', base .. 'team', 'daily', 'monthly')
+  levels[3] = { 'team', team, day, tonumber(t[1]) or 0, 'budget_team_daily' }
+  levels[4] = { 'team', team, month, tonumber(t[2]) or 0, 'budget_team_monthly' }
+end
+for _, l in ipairs(levels) do
+  if l[4] > 0 then
+    local u = redis.call('HMGET', usage_key(base, l[1], l[2], l[3]), 'held', 'spent')
+    if (tonumber(u[1]) or 0) + (tonumber(u[2]) or 0) + amount > l[4] then
+      return { l[5] }
+    end
+  end
+end
+
+local concurrency = tonumber(key[7]) or 0
+local active_key = base .. 'active:' .. key_id
+if concurrency > 0 and redis.call('ZCARD', active_key) >= concurrency then
+  return { 'concurrency', 1000 }
+end
+
+local rpm = tonumber(key[6]) or 0
+local tat_key = base .. 'tat:' .. key_id
+local new_tat = nil
+if rpm > 0 then
+  local interval = 60000 / rpm
+  local burst = 60000 - interval
+  local tat = tonumber(redis.call('GET', tat_key) or '0')
+  if tat < now then tat = now end
+  local wait = tat - burst - now
+  if wait > 0 then return { 'rpm', math.ceil(wait) } end
+  new_tat = tat + interval
+end
+
+-- Every check passed: take the hold everywhere at once.
+if new_tat then redis.call('SET', tat_key, tostring(new_tat), 'PX', 120000) end
+local remaining = {}
+for _, l in ipairs(levels) do
+  local k = usage_key(base, l[1], l[2], l[3])
+  redis.call('HINCRBY', k, 'held', amount)
+  redis.call('HINCRBY', k, 'requests', 1)
+  redis.call('EXPIRE', k, USAGE_TTL)
+  if l[1] == 'team' and l[4] > 0 then
+    local u = redis.call('HMGET', k, 'held', 'spent')
+    remaining[#remaining + 1] = l[3]
+    remaining[#remaining + 1] = l[4] - tonumber(u[1]) - (tonumber(u[2]) or 0)
+  end
+end
+local deadline = now + ttl
+local hold_key = base .. 'hold:' .. hold_id
+redis.call('HSET', hold_key, 'state', 'held', 'key', key_id, 'team', team,
+  'amount', amount, 'day', day, 'month', month, 'deadline', deadline, 'model', ARGV[8])
+redis.call('PEXPIRE', hold_key, ttl + 86400000)
+redis.call('ZADD', base .. 'holds', deadline, hold_id)
+redis.call('ZADD', active_key, deadline, hold_id)
+redis.call('PEXPIRE', active_key, ttl + 60000)
+return { 'ok', remaining }

@@ -1,0 +1,50 @@
+"""Store backends, chosen by the URL scheme of ``store.url``."""
+
+from __future__ import annotations
+
+from ..config import StoreSettings
+from .base import (
+    HoldRequest,
+    IdemRecord,
+    IdemState,
+    KeyRecord,
+    Limits,
+    Periods,
+    Refusal,
+    Reservation,
+    Store,
+    StoreError,
+    Tally,
+    Team,
+    group_of,
+    hold_group,
+)
+from .memory import MemoryStore
+
+__all__ = [
+    "HoldRequest",
+    "IdemRecord",
+    "IdemState",
+    "KeyRecord",
+    "Limits",
+    "MemoryStore",
+    "Periods",
+    "Refusal",
+    "Reservation",
+    "Store",
+    "StoreError",
+    "Tally",
+    "Team",
+    "group_of",
+    "hold_group",
+    "open_store",
+]
+
+
+def open_store(settings: StoreSettings) -> Store:
+    scheme = settings.url.partition("://")[0]
+    if scheme == "memory":
+        return MemoryStore()
+    from .redis import RedisStore  # the redis client loads only when a Redis store is used
+
+    return RedisStore.from_settings(settings)

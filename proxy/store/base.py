@@ -1,0 +1,271 @@
+"""The store: keys, teams, the money ledger and idempotency records.
+
+One abstract interface, backends chosen by URL scheme (``memory://``, ``redis://``…).
+Every money step is one atomic operation on the store:
+
+- ``reserve`` checks the key (exists, not revoked), rpm (GCRA on the store's clock),
+  concurrency, and the key's and team's daily and monthly budgets, then records a
+  ``Hold`` with a deadline — all or nothing.
+- ``settle`` turns a hold into spend (``uncertain`` when the upstream may or may not
+  have billed); ``release`` refunds it. Each acts once per hold id; later calls are no-ops.
+- A hold past its deadline (its replica died) becomes uncertain spend and frees its
+  concurrency slot, so money never vanishes and a key is never blocked forever.
+
+Invariant, for every key and team and period: limit = available + held + spent.
+Amounts are integer micro-dollars.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits of a key or a team; 0 means unlimited."""
+
+    daily_micros: int = 0
+    monthly_micros: int = 0
+    rpm: int = 0
+    concurrency: int = 0
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A proxy-issued client key, as stored (the secret itself is never stored)."""
+
+    id: str
+    name: str
+    key_hash: str
+    last4: str
+    created: int
+    team: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    models: tuple[str, ...] = ()
+    revoked: bool = False
+
+    @property
+    def display(self) -> str:
+        return f"sk-…{self.last4}"
+
+    def public(self) -> dict[str, Any]:
+        """What the admin API shows: never the hash, never the secret."""
+        return {
+            "id": self.id,
+            "object": "proxy.key",
+            "name": self.name,
+            "team": self.team,
+            "display": self.display,
+            "created": self.created,
+            "revoked": self.revoked,
+            "models": list(self.models),
+            "daily_usd": self.limits.daily_micros / 1e6 or None,
+            "monthly_usd": self.limits.monthly_micros / 1e6 or None,
+            "rpm": self.limits.rpm or None,
+            "concurrency": self.limits.concurrency or None,
+        }
+
+    def with_changes(self, **changes: Any) -> KeyRecord:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Periods:
+    """The budget periods a hold is counted in, named in the ledger's time zone."""
+
+    day: str  # 2026-11-23
+    month: str  # 2026-11
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    hold_id: str
+    key_id: str
+    amount: int
+    periods: Periods
+    ttl_seconds: float
+    model: str
+    team: str | None = None
+
+
+class Refusal(enum.Enum):
+    """Why a reserve step refused; the value is the metrics reason."""
+
+    UNKNOWN_KEY = "unknown_key"
+    REVOKED = "revoked"
+    RPM = "rpm"
+    CONCURRENCY = "concurrency"
+    KEY_DAILY = "budget_key_daily"
+    KEY_MONTHLY = "budget_key_monthly"
+    TEAM_DAILY = "budget_team_daily"
+    TEAM_MONTHLY = "budget_team_monthly"
+
+    @property
+    def is_budget(self) -> bool:
+        return self.value.startswith("budget_")
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The answer of ``reserve``: a hold was taken, or the reason it was not."""
+
+    refusal: Refusal | None = None
+    retry_after: float | None = None
+    # Team budget left after this hold, per period, for the metrics gauge.
+    team_remaining: dict[str, int] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.refusal is None
+
+
+@dataclass(frozen=True)
+class Tally:
+    """Money of one key or team in one period."""
+
+    limit: int = 0
+    held: int = 0
+    spent: int = 0
+    uncertain: int = 0
+    requests: int = 0
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit == 0 else max(0, self.limit - self.held - self.spent)
+
+    def as_usd(self) -> dict[str, Any]:
+        remaining = self.remaining
+        return {
+            "limit_usd": self.limit / 1e6 if self.limit else None,
+            "held_usd": self.held / 1e6,
+            "spent_usd": self.spent / 1e6,
+            "uncertain_usd": self.uncertain / 1e6,
+            "remaining_usd": None if remaining is None else remaining / 1e6,
+            "requests": self.requests,
+        }
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    limits: Limits = field(default_factory=Limits)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "object": "proxy.team",
+            "daily_usd": self.limits.daily_micros / 1e6 or None,
+            "monthly_usd": self.limits.monthly_micros / 1e6 or None,
+        }
+
+
+class IdemState(enum.Enum):
+    NEW = "new"  # the caller owns the call now
+    IN_FLIGHT = "in_flight"  # an identical call is running
+    DONE = "done"  # an identical call finished; its result can be replayed
+    MISMATCH = "mismatch"  # same key, different body
+
+
+@dataclass(frozen=True)
+class IdemRecord:
+    state: IdemState
+    # For DONE: the status and headers of the stored answer and where its body lives.
+    status: int = 0
+    result_id: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def group_of(key_id: str, team: str | None) -> str:
+    """The hash-tag group of a key: its team's, or its own when it has none."""
+    return f"t:{team}" if team else f"k:{key_id}"
+
+
+def hold_group(ref: str) -> str:
+    """The group encoded in a hold id or idempotency scope (``<random>@<group>``)."""
+    return ref.partition("@")[2]
+
+
+class StoreError(Exception):
+    """The store could not be reached or answered wrongly; the caller fails closed."""
+
+
+class Store(abc.ABC):
+    """Keys, teams, ledger and idempotency records behind one interface."""
+
+    # keys --------------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_key(self, record: KeyRecord) -> None: ...
+
+    @abc.abstractmethod
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None: ...
+
+    @abc.abstractmethod
+    async def key(self, key_id: str) -> KeyRecord | None: ...
+
+    @abc.abstractmethod
+    async def keys(self) -> list[KeyRecord]: ...
+
+    @abc.abstractmethod
+    async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
+        """Change name, team, limits, models or revoked; None if there is no such key."""
+
+    # teams -------------------------------------------------------------------
+    @abc.abstractmethod
+    async def put_team(self, team: Team) -> None: ...
+
+    @abc.abstractmethod
+    async def team(self, name: str) -> Team | None: ...
+
+    @abc.abstractmethod
+    async def teams(self) -> list[Team]: ...
+
+    # ledger ------------------------------------------------------------------
+    @abc.abstractmethod
+    async def reserve(self, request: HoldRequest) -> Reservation: ...
+
+    @abc.abstractmethod
+    async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
+        """Turn the hold into ``spent`` (≤ the held amount), of which ``uncertain`` may
+        or may not have been billed; the rest is refunded. True if this call did it."""
+
+    @abc.abstractmethod
+    async def release(self, hold_id: str) -> bool:
+        """Refund the hold; True if this call did it."""
+
+    @abc.abstractmethod
+    async def expire_holds(self) -> int:
+        """Turn every hold past its deadline into uncertain spend; returns how many."""
+
+    @abc.abstractmethod
+    async def tally(self, scope: str, name: str, period: str) -> Tally:
+        """Money of key ``name`` (scope "key") or team ``name`` (scope "team") in a period."""
+
+    @abc.abstractmethod
+    async def holds_outstanding(self) -> int: ...
+
+    # idempotency -------------------------------------------------------------
+    @abc.abstractmethod
+    async def idem_begin(
+        self, scope: str, fingerprint: str, ttl_seconds: float, *, join_only: bool = False
+    ) -> IdemRecord:
+        """Claim ``scope`` for a call with this body fingerprint, or report who has it.
+
+        With ``join_only`` nothing is claimed: an absent record answers NEW.
+        """
+
+    @abc.abstractmethod
+    async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None: ...
+
+    @abc.abstractmethod
+    async def idem_abandon(self, scope: str) -> None:
+        """Forget an in-flight claim whose call was never billed."""
+
+    # life --------------------------------------------------------------------
+    @abc.abstractmethod
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None:  # noqa: B027 - optional for backends with nothing to close
+        pass

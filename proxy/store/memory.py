@@ -1,0 +1,243 @@
+"""``memory://``: the embedded store for one process, no setup.
+
+Every method body runs without an ``await`` in the middle, so on one event loop each
+step is atomic just as a Lua script is on Redis. The semantics mirror the Redis
+backend's scripts; the same contract tests run against both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .base import (
+    HoldRequest,
+    IdemRecord,
+    IdemState,
+    KeyRecord,
+    Refusal,
+    Reservation,
+    Store,
+    Tally,
+    Team,
+)
+
+
+@dataclass
+class _Counter:
+    held: int = 0
+    spent: int = 0
+    uncertain: int = 0
+    requests: int = 0
+
+
+@dataclass
+class _Hold:
+    request: HoldRequest
+    deadline: float
+
+
+class MemoryStore(Store):
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._keys: dict[str, KeyRecord] = {}
+        self._by_hash: dict[str, str] = {}
+        self._teams: dict[str, Team] = {}
+        self._ledger: defaultdict[tuple[str, str, str], _Counter] = defaultdict(_Counter)
+        self._holds: dict[str, _Hold] = {}
+        self._done_holds: dict[str, float] = {}
+        self._tat: dict[str, float] = {}
+        self._idem: dict[str, tuple[float, str, IdemRecord]] = {}
+
+    # keys --------------------------------------------------------------------
+    async def add_key(self, record: KeyRecord) -> None:
+        self._keys[record.id] = record
+        self._by_hash[record.key_hash] = record.id
+
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        key_id = self._by_hash.get(key_hash)
+        return None if key_id is None else self._keys.get(key_id)
+
+    async def key(self, key_id: str) -> KeyRecord | None:
+        return self._keys.get(key_id)
+
+    async def keys(self) -> list[KeyRecord]:
+        return sorted(self._keys.values(), key=lambda k: (k.created, k.id))
+
+    async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
+        record = self._keys.get(key_id)
+        if record is None:
+            return None
+        if "team" in changes and changes["team"] != record.team:
+            raise ValueError("a key's team is fixed at creation")
+        record = replace(record, **changes)
+        self._keys[key_id] = record
+        return record
+
+    # teams -------------------------------------------------------------------
+    async def put_team(self, team: Team) -> None:
+        self._teams[team.name] = team
+
+    async def team(self, name: str) -> Team | None:
+        return self._teams.get(name)
+
+    async def teams(self) -> list[Team]:
+        return sorted(self._teams.values(), key=lambda t: t.name)
+
+    # ledger ------------------------------------------------------------------
+    async def reserve(self, request: HoldRequest) -> Reservation:
+        now = self._clock()
+        self._expire(now)
+        key = self._keys.get(request.key_id)
+        if key is None:
+            return Reservation(Refusal.UNKNOWN_KEY)
+        if key.revoked:
+            return Reservation(Refusal.REVOKED)
+        limits = key.limits
+        team_limits = self._teams[key.team].limits if key.team in self._teams else None
+        p = request.periods
+        levels = [
+            ("key", key.id, p.day, limits.daily_micros, Refusal.KEY_DAILY),
+            ("key", key.id, p.month, limits.monthly_micros, Refusal.KEY_MONTHLY),
+        ]
+        if key.team is not None:
+            levels.append(
+                (
+                    "team",
+                    key.team,
+                    p.day,
+                    team_limits.daily_micros if team_limits else 0,
+                    Refusal.TEAM_DAILY,
+                )
+            )
+            levels.append(
+                (
+                    "team",
+                    key.team,
+                    p.month,
+                    team_limits.monthly_micros if team_limits else 0,
+                    Refusal.TEAM_MONTHLY,
+                )
+            )
+        for scope, name, period, limit, refusal in levels:
+            c = self._ledger[(scope, name, period)]
+            if limit and c.held + c.spent + request.amount > limit:
+                return Reservation(refusal)
+        if limits.concurrency:
+            active = sum(1 for h in self._holds.values() if h.request.key_id == key.id)
+            if active >= limits.concurrency:
+                return Reservation(Refusal.CONCURRENCY, retry_after=1.0)
+        new_tat = None
+        if limits.rpm:
+            new_tat, wait = _gcra(self._tat.get(key.id, 0.0), now, limits.rpm)
+            if wait > 0:
+                return Reservation(Refusal.RPM, retry_after=wait)
+        # Every check passed: take the hold everywhere at once.
+        if new_tat is not None:
+            self._tat[key.id] = new_tat
+        remaining: dict[str, int] = {}
+        for scope, name, period, limit, _ in levels:
+            c = self._ledger[(scope, name, period)]
+            c.held += request.amount
+            c.requests += 1
+            if scope == "team" and limit:
+                remaining[period] = limit - c.held - c.spent
+        self._holds[request.hold_id] = _Hold(request, now + request.ttl_seconds)
+        return Reservation(team_remaining=remaining or None)
+
+    async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
+        hold = self._holds.pop(hold_id, None)
+        if hold is None:
+            return False
+        spent = min(max(spent, 0), hold.request.amount)
+        self._resolve(hold.request, spent, min(max(uncertain, 0), spent))
+        return True
+
+    async def release(self, hold_id: str) -> bool:
+        return await self.settle(hold_id, 0)
+
+    async def expire_holds(self) -> int:
+        return self._expire(self._clock())
+
+    def _expire(self, now: float) -> int:
+        expired = [hid for hid, h in self._holds.items() if h.deadline <= now]
+        for hold_id in expired:
+            hold = self._holds.pop(hold_id)
+            self._resolve(hold.request, hold.request.amount, hold.request.amount)
+        return len(expired)
+
+    def _resolve(self, request: HoldRequest, spent: int, uncertain: int) -> None:
+        scopes = [("key", request.key_id)]
+        if request.team is not None:
+            scopes.append(("team", request.team))
+        for scope, name in scopes:
+            for period in (request.periods.day, request.periods.month):
+                c = self._ledger[(scope, name, period)]
+                c.held -= request.amount
+                c.spent += spent
+                c.uncertain += uncertain
+
+    async def tally(self, scope: str, name: str, period: str) -> Tally:
+        c = self._ledger.get((scope, name, period), _Counter())
+        limit = 0
+        daily = len(period) == 10
+        if scope == "key" and name in self._keys:
+            lim = self._keys[name].limits
+            limit = lim.daily_micros if daily else lim.monthly_micros
+        elif scope == "team" and name in self._teams:
+            lim = self._teams[name].limits
+            limit = lim.daily_micros if daily else lim.monthly_micros
+        return Tally(limit, c.held, c.spent, c.uncertain, c.requests)
+
+    async def holds_outstanding(self) -> int:
+        return len(self._holds)
+
+    # idempotency -------------------------------------------------------------
+    async def idem_begin(
+        self, scope: str, fingerprint: str, ttl_seconds: float, *, join_only: bool = False
+    ) -> IdemRecord:
+        now = self._clock()
+        entry = self._idem.get(scope)
+        if entry is not None and entry[0] <= now:
+            del self._idem[scope]
+            entry = None
+        if entry is None:
+            if not join_only:
+                self._idem[scope] = (
+                    now + ttl_seconds,
+                    fingerprint,
+                    IdemRecord(IdemState.IN_FLIGHT),
+                )
+            return IdemRecord(IdemState.NEW)
+        if entry[1] != fingerprint:
+            return IdemRecord(IdemState.MISMATCH)
+        return entry[2]
+
+    async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None:
+        entry = self._idem.get(scope)
+        fingerprint = entry[1] if entry else ""
+        self._idem[scope] = (self._clock() + ttl_seconds, fingerprint, record)
+
+    async def idem_abandon(self, scope: str) -> None:
+        self._idem.pop(scope, None)
+
+    async def ping(self) -> None:
+        return None
+
+
+def _gcra(tat: float, now: float, rpm: int) -> tuple[float, float]:
+    """Generic cell rate: ``rpm`` per minute with a burst of ``rpm``.
+
+    Returns the new theoretical arrival time and how long to wait (0 = allowed).
+    Over any window of W seconds at most ``rpm + rpm * W / 60`` requests pass.
+    """
+    interval = 60.0 / rpm
+    burst = 60.0 - interval
+    tat = max(tat, now)
+    wait = tat - burst - now
+    if wait > 0:
+        return tat, wait
+    return tat + interval, 0.0

@@ -1,0 +1,364 @@
+"""``redis://``, ``rediss://``, ``redis+cluster://``, ``redis+sentinel://``: the shared store.
+
+Data, all under ``store.key_prefix`` (``apiyi``). ``{g}`` is a key's group hash tag:
+``{t:<team>}`` for a key in a team, ``{k:<key id>}`` for one without, so that one
+script can touch a key, its team and their money in one cluster slot.
+
+    apiyi:{g}:key:<id>              hash   the key record (limits, revoked, team)
+    apiyi:{g}:team                  hash   team budgets
+    apiyi:{g}:u:<scope>:<name>:<p>  hash   held, spent, uncertain, requests per period
+    apiyi:{g}:hold:<id>             hash   one hold: amount, periods, state, deadline
+    apiyi:{g}:holds                 zset   open holds by deadline (expiry sweep)
+    apiyi:{g}:active:<key id>       zset   a key's open holds (concurrency)
+    apiyi:{g}:tat:<key id>          string GCRA theoretical arrival time (ms)
+    apiyi:{g}:idem:<scope>          hash   idempotency record
+    apiyi:keyhash:<hmac>            string "<g>|<id>": lookup by presented key
+    apiyi:keygroups                 hash   key id -> group
+    apiyi:groups, apiyi:teams       sets   for listing and the expiry sweep
+
+The money steps are the Lua scripts in ``proxy/lua`` (``common.lua`` prepended),
+loaded once and called by EVALSHA; every call is one round trip.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Coroutine
+from importlib import resources
+from typing import Any, ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+import orjson
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from ..config import StoreSettings
+from .base import (
+    HoldRequest,
+    IdemRecord,
+    IdemState,
+    KeyRecord,
+    Limits,
+    Refusal,
+    Reservation,
+    Store,
+    StoreError,
+    Tally,
+    Team,
+    group_of,
+    hold_group,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+EXPIRE_BATCH = 200
+
+
+def _translated(
+    method: Callable[P, Coroutine[Any, Any, T]],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Redis and socket errors leave the store only as ``StoreError``."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
+
+    return wrapper
+
+
+def load_script(name: str) -> str:
+    lua = resources.files("proxy") / "lua"
+    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+
+
+def connect(url: str, settings: StoreSettings, *, decode: bool = True) -> Any:
+    """A redis-py asyncio client for any of the supported URL schemes."""
+    timeout = settings.timeout_seconds
+    common: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": timeout,
+        "decode_responses": decode,
+        "health_check_interval": 30,
+    }
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    if scheme == "redis+cluster":
+        return RedisCluster.from_url(
+            url.replace("redis+cluster://", "redis://", 1),
+            max_connections=settings.max_connections,
+            **common,
+        )
+    if scheme == "redis+sentinel":
+        hosts = [
+            (h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 26379))
+            for h in parts.netloc.rpartition("@")[2].split(",")
+        ]
+        service = parts.path.strip("/").split("/")[0] or "mymaster"
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            hosts, sentinel_kwargs={"socket_timeout": timeout}, **common
+        )
+        return sentinel.master_for(service, password=parts.password)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.max_connections, timeout=timeout, **common
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+class RedisStore(Store):
+    def __init__(self, client: Any, prefix: str = "apiyi") -> None:
+        self.r = client
+        self.p = prefix
+        self._reserve = client.register_script(load_script("reserve"))
+        self._settle = client.register_script(load_script("settle"))
+        self._expire = client.register_script(load_script("expire"))
+        self._idem_begin = client.register_script(load_script("idem_begin"))
+        self._groups: dict[str, str] = {}
+
+    @classmethod
+    def from_settings(cls, settings: StoreSettings) -> RedisStore:
+        return cls(connect(settings.url, settings), settings.key_prefix)
+
+    def _base(self, group: str) -> str:
+        return f"{self.p}:{{{group}}}:"
+
+    # keys --------------------------------------------------------------------
+    @_translated
+    async def add_key(self, record: KeyRecord) -> None:
+        group = group_of(record.id, record.team)
+        base = self._base(group)
+        await self.r.hset(base + "key:" + record.id, mapping=_key_fields(record))
+        await self.r.hset(f"{self.p}:keygroups", record.id, group)
+        await self.r.sadd(f"{self.p}:groups", group)
+        await self.r.set(f"{self.p}:keyhash:{record.key_hash}", f"{group}|{record.id}")
+        self._groups[record.id] = group
+
+    @_translated
+    async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        ref = await self.r.get(f"{self.p}:keyhash:{key_hash}")
+        if not ref:
+            return None
+        group, _, key_id = ref.partition("|")
+        return _key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
+
+    async def _group(self, key_id: str) -> str | None:
+        group = self._groups.get(key_id)
+        if group is None:
+            group = await self.r.hget(f"{self.p}:keygroups", key_id)
+            if group:
+                self._groups[key_id] = group
+        return group
+
+    @_translated
+    async def key(self, key_id: str) -> KeyRecord | None:
+        group = await self._group(key_id)
+        if group is None:
+            return None
+        return _key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
+
+    @_translated
+    async def keys(self) -> list[KeyRecord]:
+        groups: dict[str, str] = await self.r.hgetall(f"{self.p}:keygroups")
+        records = []
+        for key_id, group in groups.items():
+            record = _key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
+            if record is not None:
+                records.append(record)
+        return sorted(records, key=lambda k: (k.created, k.id))
+
+    @_translated
+    async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
+        current = await self.key(key_id)
+        if current is None:
+            return None
+        if "team" in changes and changes["team"] != current.team:
+            raise ValueError("a key's team is fixed at creation")
+        updated = current.with_changes(**changes)
+        group = group_of(key_id, current.team)
+        await self.r.hset(self._base(group) + "key:" + key_id, mapping=_key_fields(updated))
+        return updated
+
+    # teams -------------------------------------------------------------------
+    @_translated
+    async def put_team(self, team: Team) -> None:
+        group = group_of("", team.name)
+        await self.r.hset(
+            self._base(group) + "team",
+            mapping={"daily": team.limits.daily_micros, "monthly": team.limits.monthly_micros},
+        )
+        await self.r.sadd(f"{self.p}:teams", team.name)
+        await self.r.sadd(f"{self.p}:groups", group)
+
+    @_translated
+    async def team(self, name: str) -> Team | None:
+        fields = await self.r.hgetall(self._base(group_of("", name)) + "team")
+        if not fields:
+            return None
+        return Team(name, Limits(int(fields["daily"]), int(fields["monthly"])))
+
+    @_translated
+    async def teams(self) -> list[Team]:
+        names = sorted(await self.r.smembers(f"{self.p}:teams"))
+        teams = [await self.team(n) for n in names]
+        return [t for t in teams if t is not None]
+
+    # ledger ------------------------------------------------------------------
+    @_translated
+    async def reserve(self, request: HoldRequest) -> Reservation:
+        group = group_of(request.key_id, request.team)
+        base = self._base(group)
+        p = request.periods
+        answer = await self._reserve(
+            keys=[base + "key:" + request.key_id],
+            args=[
+                base,
+                request.key_id,
+                request.hold_id,
+                request.amount,
+                p.day,
+                p.month,
+                int(request.ttl_seconds * 1000),
+                request.model,
+            ],
+        )
+        if answer[0] != "ok":
+            retry_ms = int(answer[1]) if len(answer) > 1 else None
+            return Reservation(
+                Refusal(answer[0]), retry_after=None if retry_ms is None else retry_ms / 1000
+            )
+        flat = answer[1]
+        remaining = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
+        return Reservation(team_remaining=remaining or None)
+
+    @_translated
+    async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
+        base = self._base(hold_group(hold_id))
+        done = await self._settle(
+            keys=[base + "hold:" + hold_id], args=[base, hold_id, spent, uncertain]
+        )
+        return bool(done)
+
+    async def release(self, hold_id: str) -> bool:
+        return await self.settle(hold_id, 0)
+
+    @_translated
+    async def expire_holds(self) -> int:
+        total = 0
+        for group in await self.r.smembers(f"{self.p}:groups"):
+            base = self._base(group)
+            total += int(await self._expire(keys=[base + "holds"], args=[base, EXPIRE_BATCH]))
+        return total
+
+    @_translated
+    async def tally(self, scope: str, name: str, period: str) -> Tally:
+        if scope == "key":
+            record = await self.key(name)
+            if record is None:
+                return Tally()
+            group, limits = group_of(name, record.team), record.limits
+        else:
+            group = group_of("", name)
+            team = await self.team(name)
+            limits = team.limits if team else Limits()
+        fields = await self.r.hgetall(f"{self._base(group)}u:{scope}:{name}:{period}")
+        limit = limits.daily_micros if len(period) == 10 else limits.monthly_micros
+        return Tally(
+            limit,
+            int(fields.get("held", 0)),
+            int(fields.get("spent", 0)),
+            int(fields.get("uncertain", 0)),
+            int(fields.get("requests", 0)),
+        )
+
+    @_translated
+    async def holds_outstanding(self) -> int:
+        total = 0
+        for group in await self.r.smembers(f"{self.p}:groups"):
+            total += int(await self.r.zcard(self._base(group) + "holds"))
+        return total
+
+    # idempotency -------------------------------------------------------------
+    def _idem_key(self, scope: str) -> str:
+        return self._base(hold_group(scope)) + "idem:" + scope
+
+    @_translated
+    async def idem_begin(
+        self, scope: str, fingerprint: str, ttl_seconds: float, *, join_only: bool = False
+    ) -> IdemRecord:
+        answer = await self._idem_begin(
+            keys=[self._idem_key(scope)],
+            args=[fingerprint, int(ttl_seconds * 1000), "1" if join_only else "0"],
+        )
+        state = IdemState(answer[0])
+        if state in (IdemState.NEW, IdemState.MISMATCH, IdemState.IN_FLIGHT):
+            return IdemRecord(state)
+        headers = tuple(tuple(h) for h in orjson.loads(answer[3] or "[]"))
+        return IdemRecord(state, int(answer[1]), answer[2] or None, headers)
+
+    @_translated
+    async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None:
+        key = self._idem_key(scope)
+        await self.r.hset(
+            key,
+            mapping={
+                "state": record.state.value,
+                "status": record.status,
+                "result": record.result_id or "",
+                "headers": orjson.dumps(record.headers).decode(),
+            },
+        )
+        await self.r.pexpire(key, int(ttl_seconds * 1000))
+
+    @_translated
+    async def idem_abandon(self, scope: str) -> None:
+        await self.r.delete(self._idem_key(scope))
+
+    # life --------------------------------------------------------------------
+    @_translated
+    async def ping(self) -> None:
+        await self.r.ping()
+
+    async def close(self) -> None:
+        await self.r.aclose()
+
+
+def _key_fields(record: KeyRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "name": record.name,
+        "key_hash": record.key_hash,
+        "last4": record.last4,
+        "created": record.created,
+        "team": record.team or "",
+        "daily": record.limits.daily_micros,
+        "monthly": record.limits.monthly_micros,
+        "rpm": record.limits.rpm,
+        "concurrency": record.limits.concurrency,
+        "models": ",".join(record.models),
+        "revoked": 1 if record.revoked else 0,
+    }
+
+
+def _key_record(fields: dict[str, str]) -> KeyRecord | None:
+    if not fields:
+        return None
+    return KeyRecord(
+        id=fields["id"],
+        name=fields["name"],
+        key_hash=fields["key_hash"],
+        last4=fields["last4"],
+        created=int(fields["created"]),
+        team=fields.get("team") or None,
+        limits=Limits(
+            int(fields.get("daily", 0)),
+            int(fields.get("monthly", 0)),
+            int(fields.get("rpm", 0)),
+            int(fields.get("concurrency", 0)),
+        ),
+        models=tuple(m for m in fields.get("models", "").split(",") if m),
+        revoked=fields.get("revoked") == "1",
+    )

@@ -1,0 +1,237 @@
+"""The store contract: the same tests against every backend (memory, real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from proxy.config import StoreSettings
+from proxy.keys import KeyHasher, issue_key
+from proxy.store import (
+    HoldRequest,
+    IdemRecord,
+    IdemState,
+    KeyRecord,
+    Limits,
+    MemoryStore,
+    Periods,
+    Refusal,
+    Store,
+    Team,
+    group_of,
+)
+from proxy.store.redis import RedisStore
+
+from .conftest import RedisServer
+
+PERIODS = Periods("2026-11-23", "2026-11")
+PRICE = 30_000
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def redis_for_store() -> Iterator[RedisServer]:
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+_counter = iter(range(1_000_000))
+
+
+@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
+    if request.param == "memory":
+        backend: Store = MemoryStore()
+    else:
+        server = request.getfixturevalue(
+            "redis_for_store" if request.param == "redis" else "redis_cluster"
+        )
+        settings = StoreSettings(url=server.url, key_prefix=f"t{next(_counter)}")
+        backend = RedisStore.from_settings(settings)
+    yield backend
+    await backend.close()
+
+
+def new_key(team: str | None = None, **limits: int) -> KeyRecord:
+    _, record = issue_key(KeyHasher("pepper"), "k", team=team, limits=Limits(**limits))
+    return record
+
+
+def hold(key: KeyRecord, amount: int = PRICE, ttl: float = 60.0) -> HoldRequest:
+    import secrets
+
+    return HoldRequest(
+        hold_id=f"{secrets.token_hex(6)}@{group_of(key.id, key.team)}",
+        key_id=key.id,
+        amount=amount,
+        periods=PERIODS,
+        ttl_seconds=ttl,
+        model="gpt-image-2-vip",
+        team=key.team,
+    )
+
+
+async def test_keys_roundtrip(store: Store) -> None:
+    key = new_key(team="design", daily_micros=90_000, rpm=5)
+    await store.add_key(key)
+    assert await store.key_by_hash(key.key_hash) == key
+    assert await store.key(key.id) == key
+    assert await store.key_by_hash("0" * 64) is None
+    assert [k.id for k in await store.keys()] == [key.id]
+    updated = await store.update_key(key.id, revoked=True, name="renamed")
+    assert updated is not None and updated.revoked and updated.name == "renamed"
+    assert (await store.key(key.id)) == updated
+    assert await store.update_key("key_missing", revoked=True) is None
+    with pytest.raises(ValueError):
+        await store.update_key(key.id, team="other")
+
+
+async def test_teams_roundtrip(store: Store) -> None:
+    await store.put_team(Team("design", Limits(1_000_000, 20_000_000)))
+    team = await store.team("design")
+    assert team is not None and team.limits.daily_micros == 1_000_000
+    assert [t.name for t in await store.teams()] == ["design"]
+    assert await store.team("nobody") is None
+
+
+async def test_hold_settle_release_once(store: Store) -> None:
+    key = new_key(daily_micros=100_000)
+    await store.add_key(key)
+    first, second = hold(key), hold(key)
+    assert (await store.reserve(first)).ok
+    assert (await store.reserve(second)).ok
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.held, tally.spent, tally.limit) == (2 * PRICE, 0, 100_000)
+    assert await store.settle(first.hold_id, PRICE)
+    assert not await store.settle(first.hold_id, PRICE)
+    assert await store.release(second.hold_id)
+    assert not await store.release(second.hold_id)
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.held, tally.spent, tally.uncertain, tally.requests) == (0, PRICE, 0, 2)
+    month = await store.tally("key", key.id, PERIODS.month)
+    assert month.spent == PRICE
+
+
+async def test_budgets_refuse_at_every_level(store: Store) -> None:
+    key = new_key(daily_micros=2 * PRICE)
+    await store.add_key(key)
+    assert (await store.reserve(hold(key))).ok
+    assert (await store.reserve(hold(key))).ok
+    refused = await store.reserve(hold(key))
+    assert refused.refusal is Refusal.KEY_DAILY
+
+    monthly = new_key(monthly_micros=PRICE)
+    await store.add_key(monthly)
+    assert (await store.reserve(hold(monthly))).ok
+    assert (await store.reserve(hold(monthly))).refusal is Refusal.KEY_MONTHLY
+
+    await store.put_team(Team("t1", Limits(daily_micros=3 * PRICE, monthly_micros=10 * PRICE)))
+    a, b = new_key(team="t1"), new_key(team="t1")
+    await store.add_key(a)
+    await store.add_key(b)
+    assert (await store.reserve(hold(a))).ok
+    assert (await store.reserve(hold(b))).ok
+    last = await store.reserve(hold(a))
+    assert last.ok and last.team_remaining == {PERIODS.day: 0, PERIODS.month: 7 * PRICE}
+    assert (await store.reserve(hold(b))).refusal is Refusal.TEAM_DAILY
+    team = await store.tally("team", "t1", PERIODS.day)
+    assert (team.held, team.limit, team.remaining) == (3 * PRICE, 3 * PRICE, 0)
+
+
+async def test_partial_and_uncertain_settle(store: Store) -> None:
+    key = new_key(daily_micros=10 * PRICE)
+    await store.add_key(key)
+    h = hold(key, amount=3 * PRICE)
+    assert (await store.reserve(h)).ok
+    assert await store.settle(h.hold_id, 2 * PRICE, PRICE)
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.held, tally.spent, tally.uncertain) == (0, 2 * PRICE, PRICE)
+    assert tally.remaining == 8 * PRICE
+
+
+async def test_revoked_and_unknown_keys_are_refused(store: Store) -> None:
+    key = new_key()
+    await store.add_key(key)
+    await store.update_key(key.id, revoked=True)
+    assert (await store.reserve(hold(key))).refusal is Refusal.REVOKED
+    ghost = new_key()
+    assert (await store.reserve(hold(ghost))).refusal is Refusal.UNKNOWN_KEY
+
+
+async def test_concurrency_limit_frees_on_settle(store: Store) -> None:
+    key = new_key(concurrency=2)
+    await store.add_key(key)
+    h1, h2 = hold(key), hold(key)
+    assert (await store.reserve(h1)).ok
+    assert (await store.reserve(h2)).ok
+    refused = await store.reserve(hold(key))
+    assert refused.refusal is Refusal.CONCURRENCY and refused.retry_after
+    await store.settle(h1.hold_id, PRICE)
+    assert (await store.reserve(hold(key))).ok
+
+
+async def test_rpm_is_gcra_with_retry_after(store: Store) -> None:
+    key = new_key(rpm=6)
+    await store.add_key(key)
+    for _ in range(6):
+        h = hold(key)
+        assert (await store.reserve(h)).ok
+        await store.release(h.hold_id)
+    refused = await store.reserve(hold(key))
+    assert refused.refusal is Refusal.RPM
+    assert refused.retry_after is not None and 0 < refused.retry_after <= 10.0
+
+
+async def test_expired_hold_becomes_uncertain_and_frees_the_key(store: Store) -> None:
+    key = new_key(concurrency=1, daily_micros=PRICE * 5)
+    await store.add_key(key)
+    stale = hold(key, ttl=0.2)
+    assert (await store.reserve(stale)).ok
+    assert (await store.reserve(hold(key))).refusal is Refusal.CONCURRENCY
+    await asyncio.sleep(0.3)
+    # The next reserve sweeps the group: the key is usable again.
+    fresh = hold(key)
+    assert (await store.reserve(fresh)).ok
+    assert not await store.settle(stale.hold_id, 0)  # too late: it stays uncertain spend
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.held, tally.spent, tally.uncertain) == (PRICE, PRICE, PRICE)
+    assert await store.holds_outstanding() == 1
+
+
+async def test_expire_sweep(store: Store) -> None:
+    key = new_key()
+    await store.add_key(key)
+    assert (await store.reserve(hold(key, ttl=0.1))).ok
+    await asyncio.sleep(0.2)
+    assert await store.expire_holds() == 1
+    assert await store.expire_holds() == 0
+    assert await store.holds_outstanding() == 0
+
+
+async def test_idempotency_records(store: Store) -> None:
+    scope = "abc@k:key_1"
+    assert (await store.idem_begin(scope, "fp1", 10, join_only=True)).state is IdemState.NEW
+    assert (await store.idem_begin(scope, "fp1", 10)).state is IdemState.NEW
+    assert (await store.idem_begin(scope, "fp1", 10)).state is IdemState.IN_FLIGHT
+    assert (await store.idem_begin(scope, "fp2", 10)).state is IdemState.MISMATCH
+    done = IdemRecord(IdemState.DONE, 200, "res1", (("x-proxy-adjusted", "n=1"),))
+    await store.idem_finish(scope, done, 10)
+    assert await store.idem_begin(scope, "fp1", 10) == done
+    await store.idem_abandon(scope)
+    assert (await store.idem_begin(scope, "fp1", 10)).state is IdemState.NEW
+
+
+async def test_concurrent_reserves_never_overdraw(store: Store) -> None:
+    key = new_key(daily_micros=10 * PRICE)
+    await store.add_key(key)
+    results = await asyncio.gather(*(store.reserve(hold(key)) for _ in range(50)))
+    assert sum(r.ok for r in results) == 10
+    assert all(r.refusal is Refusal.KEY_DAILY for r in results if not r.ok)
