@@ -264,6 +264,9 @@ class Store(abc.ABC):
         """Forget an in-flight claim whose call was never billed."""
 
     # life --------------------------------------------------------------------
+    async def open(self) -> None:  # noqa: B027 - optional warm-up
+        """Connect and load what the hot path needs, so the first requests pay nothing."""
+
     @abc.abstractmethod
     async def ping(self) -> None: ...
 

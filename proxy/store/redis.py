@@ -22,6 +22,7 @@ loaded once and called by EVALSHA; every call is one round trip.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable, Coroutine
 from importlib import resources
@@ -63,8 +64,13 @@ def _translated(
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        store = args[0]
+        assert isinstance(store, RedisStore)
         try:
-            return await method(*args, **kwargs)
+            # The cluster client refuses, rather than waits, past its connection cap:
+            # queue here instead so a burst waits its turn within the store timeout.
+            async with store.slots:
+                return await method(*args, **kwargs)
         except (RedisError, OSError) as exc:
             raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
@@ -110,9 +116,10 @@ def connect(url: str, settings: StoreSettings, *, decode: bool = True) -> Any:
 
 
 class RedisStore(Store):
-    def __init__(self, client: Any, prefix: str = "apiyi") -> None:
+    def __init__(self, client: Any, prefix: str = "apiyi", max_connections: int = 64) -> None:
         self.r = client
         self.p = prefix
+        self.slots = asyncio.Semaphore(max_connections)
         self._reserve = client.register_script(load_script("reserve"))
         self._settle = client.register_script(load_script("settle"))
         self._expire = client.register_script(load_script("expire"))
@@ -121,7 +128,7 @@ class RedisStore(Store):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
-        return cls(connect(settings.url, settings), settings.key_prefix)
+        return cls(connect(settings.url, settings), settings.key_prefix, settings.max_connections)
 
     def _base(self, group: str) -> str:
         return f"{self.p}:{{{group}}}:"
@@ -155,6 +162,9 @@ class RedisStore(Store):
 
     @_translated
     async def key(self, key_id: str) -> KeyRecord | None:
+        return await self._read_key(key_id)
+
+    async def _read_key(self, key_id: str) -> KeyRecord | None:
         group = await self._group(key_id)
         if group is None:
             return None
@@ -172,7 +182,7 @@ class RedisStore(Store):
 
     @_translated
     async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
-        current = await self.key(key_id)
+        current = await self._read_key(key_id)
         if current is None:
             return None
         if "team" in changes and changes["team"] != current.team:
@@ -195,6 +205,9 @@ class RedisStore(Store):
 
     @_translated
     async def team(self, name: str) -> Team | None:
+        return await self._read_team(name)
+
+    async def _read_team(self, name: str) -> Team | None:
         fields = await self.r.hgetall(self._base(group_of("", name)) + "team")
         if not fields:
             return None
@@ -203,7 +216,7 @@ class RedisStore(Store):
     @_translated
     async def teams(self) -> list[Team]:
         names = sorted(await self.r.smembers(f"{self.p}:teams"))
-        teams = [await self.team(n) for n in names]
+        teams = [await self._read_team(n) for n in names]
         return [t for t in teams if t is not None]
 
     # ledger ------------------------------------------------------------------
@@ -243,7 +256,7 @@ class RedisStore(Store):
         return bool(done)
 
     async def release(self, hold_id: str) -> bool:
-        return await self.settle(hold_id, 0)
+        return await self.settle(hold_id, 0)  # one step: settle takes the slot
 
     @_translated
     async def expire_holds(self) -> int:
@@ -256,13 +269,13 @@ class RedisStore(Store):
     @_translated
     async def tally(self, scope: str, name: str, period: str) -> Tally:
         if scope == "key":
-            record = await self.key(name)
+            record = await self._read_key(name)
             if record is None:
                 return Tally()
             group, limits = group_of(name, record.team), record.limits
         else:
             group = group_of("", name)
-            team = await self.team(name)
+            team = await self._read_team(name)
             limits = team.limits if team else Limits()
         fields = await self.r.hgetall(f"{self._base(group)}u:{scope}:{name}:{period}")
         limit = limits.daily_micros if len(period) == 10 else limits.monthly_micros
@@ -318,6 +331,12 @@ class RedisStore(Store):
         await self.r.delete(self._idem_key(scope))
 
     # life --------------------------------------------------------------------
+    @_translated
+    async def open(self) -> None:
+        for script in (self._reserve, self._settle, self._expire, self._idem_begin):
+            # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
+            await self.r.script_load(script.script)
+
     @_translated
     async def ping(self) -> None:
         await self.r.ping()

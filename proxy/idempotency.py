@@ -1,0 +1,189 @@
+"""Never pay twice for one picture: ``Idempotency-Key`` and OpenAI SDK retries.
+
+Two kinds of scope, both per client key and across replicas (records in the store,
+replay bodies in the results store):
+
+- ``Idempotency-Key: K`` (24 h): a finished duplicate replays the stored answer
+  without charge, an in-flight duplicate waits for it (409 if it outlasts the wait),
+  the same K with a different body is a 422.
+- An SDK retry (``x-stainless-retry-count >= 1``) of the same key and body joins the
+  in-flight or just-finished first attempt instead of paying again. First attempts
+  (``x-stainless-retry-count: 0``) claim their fingerprint so a retry can find them;
+  two identical first attempts are two calls and do not join each other.
+
+Only a certain outcome is recorded: a success (replayable), or an uncertain one (a
+duplicate gets 409 rather than paying again). A call that surely was not billed
+forgets its claim, so the duplicate simply runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from starlette.types import Send
+
+from .config import Settings
+from .errors import Conflict, IdempotencyMismatch
+from .ledger import Ledger
+from .metrics import Metrics
+from .results import Capture, ResultStore
+from .store import IdemRecord, IdemState, KeyRecord, group_of
+
+POLL_SECONDS = (0.05, 0.1, 0.2, 0.25, 0.5)
+UNCERTAIN_STATUS = 504
+
+
+@dataclass
+class Claim:
+    """This request owns an idempotency scope until it finishes."""
+
+    scope: str
+    explicit: bool
+    ttl_seconds: float
+    capture: Capture
+
+
+@dataclass(frozen=True)
+class Replay:
+    record: IdemRecord
+    kind: str
+
+
+class Idempotency:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, results: ResultStore, metrics: Metrics
+    ) -> None:
+        self._ledger = ledger
+        self._store = ledger.store
+        self._results = results
+        self._metrics = metrics
+        self._explicit_ttl = float(settings.ledger.idempotency_ttl_seconds)
+        self._join_ttl = float(settings.ledger.retry_join_seconds)
+        self._result_limit = settings.store.results_max_bytes
+        self._claim_ttl = ledger.hold_ttl
+
+    async def begin(
+        self, headers: Mapping[str, str], key: KeyRecord, body_fingerprint: Callable[[], str]
+    ) -> Claim | Replay | None:
+        """Claim the request's scope, or find the earlier call to replay; None: neither."""
+        idem_key = headers.get("idempotency-key")
+        retry = headers.get("x-stainless-retry-count")
+        if not idem_key and retry is None:
+            return None
+        group = group_of(key.id, key.team)
+        fingerprint = body_fingerprint()
+        if idem_key:
+            if len(idem_key) > 255:
+                raise IdempotencyMismatch("Idempotency-Key is longer than 255 characters.")
+            scope = _scope("ik", key.id, idem_key, group)
+            record = await self._begin(scope, fingerprint)
+            if record.state is IdemState.MISMATCH:
+                raise IdempotencyMismatch(
+                    "This Idempotency-Key was used with a different request body."
+                )
+            if record.state is IdemState.IN_FLIGHT:
+                record = await self._wait(scope, fingerprint)
+            if record.state is IdemState.DONE:
+                return self._replay_or_conflict(record, "idempotency_key")
+            return Claim(scope, True, self._explicit_ttl, Capture(self._result_limit))
+        if retry is None:
+            return None
+        scope = _scope("rj", key.id, fingerprint, group)
+        record = await self._begin(scope, fingerprint)
+        if record.state is IdemState.NEW:
+            return Claim(scope, False, self._join_ttl, Capture(self._result_limit))
+        if retry.strip() in ("", "0"):
+            return None  # an identical first attempt is a call of its own
+        if record.state is IdemState.IN_FLIGHT:
+            record = await self._wait(scope, fingerprint)
+        if record.state is IdemState.DONE and record.result_id:
+            return Replay(record, "sdk_retry")
+        if record.state is IdemState.DONE:
+            return self._replay_or_conflict(record, "sdk_retry")
+        return None
+
+    async def _begin(self, scope: str, fingerprint: str) -> IdemRecord:
+        return await self._ledger.call(
+            "idempotency", lambda: self._store.idem_begin(scope, fingerprint, self._claim_ttl)
+        )
+
+    async def _wait(self, scope: str, fingerprint: str) -> IdemRecord:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._claim_ttl
+        attempt = 0
+        while loop.time() < deadline:
+            await asyncio.sleep(POLL_SECONDS[min(attempt, len(POLL_SECONDS) - 1)])
+            attempt += 1
+            record = await self._ledger.call(
+                "idempotency",
+                lambda: self._store.idem_begin(scope, fingerprint, 0, join_only=True),
+            )
+            if record.state is not IdemState.IN_FLIGHT:
+                return record
+        raise Conflict("An identical request is still in progress; try again later.")
+
+    def _replay_or_conflict(self, record: IdemRecord, kind: str) -> Replay:
+        if record.status == UNCERTAIN_STATUS or not record.result_id:
+            raise Conflict(
+                "An identical earlier request ended without a certain result (it may have "
+                "been billed); it is not run again.",
+                code="idempotent_outcome_uncertain",
+            )
+        return Replay(record, kind)
+
+    async def replay(self, replay: Replay, send: Send) -> bool:
+        """Send the stored answer; False if its body is gone."""
+        assert replay.record.result_id is not None
+        body = await self._results.get(replay.record.result_id)
+        if body is None:
+            return False
+        headers = [(k.encode(), v.encode()) for k, v in replay.record.headers]
+        headers.append((b"x-proxy-replay", replay.kind.encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        async for chunk in body:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._metrics.idempotent_replays.labels(replay.kind).inc()
+        return True
+
+    async def succeeded(self, claim: Claim, headers: list[tuple[bytes, bytes]]) -> None:
+        result_id = secrets.token_hex(16)
+        stored = await self._results.put(result_id, claim.capture, claim.ttl_seconds)
+        claim.capture.discard()
+        record = IdemRecord(
+            IdemState.DONE,
+            200,
+            result_id if stored else None,
+            tuple((k.decode(), v.decode()) for k, v in headers),
+        )
+        await self._finish(claim, record)
+
+    async def uncertain(self, claim: Claim) -> None:
+        claim.capture.discard()
+        await self._finish(claim, IdemRecord(IdemState.DONE, UNCERTAIN_STATUS))
+
+    async def _finish(self, claim: Claim, record: IdemRecord) -> None:
+        await self._ledger.call(
+            "idempotency", lambda: self._store.idem_finish(claim.scope, record, claim.ttl_seconds)
+        )
+
+    async def abandon(self, claim: Claim) -> None:
+        claim.capture.discard()
+        await self._ledger.call("idempotency", lambda: self._store.idem_abandon(claim.scope))
+
+
+def _scope(kind: str, key_id: str, value: str, group: str) -> str:
+    digest = hashlib.sha256(f"{kind}\0{key_id}\0{value}".encode()).hexdigest()[:40]
+    return f"{kind}{digest}@{group}"
+
+
+def fingerprint(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "big"))
+        h.update(part)
+    return h.hexdigest()

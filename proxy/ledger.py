@@ -1,0 +1,215 @@
+"""Money on the request path: holds taken before the upstream call, resolved after.
+
+``Ledger`` wraps the store with what the request path needs: a time bound on every
+store call (a slow or dead store fails closed with 503 instead of hanging), metrics,
+budget periods in the configured time zone, and a retry queue so that a settle that
+could not be written is tried again rather than forgotten. If the process dies with
+holds open, their deadlines turn them into uncertain spend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import zoneinfo
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TypeVar
+
+from .config import Settings
+from .errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable, Unauthorized
+from .metrics import Metrics
+from .store import (
+    HoldRequest,
+    KeyRecord,
+    MemoryStore,
+    Periods,
+    Refusal,
+    Store,
+    StoreError,
+    group_of,
+)
+
+T = TypeVar("T")
+log = logging.getLogger("apiyi_proxy.ledger")
+
+SETTLE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+SWEEP_SECONDS = 5.0
+
+
+class Hold:
+    """Money reserved for one request; resolved exactly once."""
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        hold_id: str,
+        amount: int,
+        model: str,
+        team: str,
+        store: Store | None = None,
+    ) -> None:
+        self._ledger = ledger
+        self.store = store or ledger.store
+        self.id = hold_id
+        self.amount = amount
+        self.model = model
+        self.team = team
+        self.outcome: str | None = None
+
+    async def settle(self, spent: int, uncertain: int = 0) -> None:
+        """Keep ``spent`` (≤ amount) of the hold, ``uncertain`` of it maybe billed."""
+        if self.outcome is None:
+            self.outcome = "uncertain" if uncertain else ("settled" if spent else "released")
+            await self._ledger.resolve(self, spent, uncertain)
+
+    async def release(self) -> None:
+        await self.settle(0)
+
+
+class Ledger:
+    def __init__(self, store: Store, settings: Settings, metrics: Metrics) -> None:
+        self.store = store
+        self._settings = settings
+        self._metrics = metrics
+        self._timeout = settings.store.timeout_seconds
+        self._zone = zoneinfo.ZoneInfo(settings.ledger.timezone)
+        self.hold_ttl = (
+            settings.upstream.read_timeout
+            + settings.upstream.connect_timeout
+            + (settings.ledger.hold_grace_seconds)
+        )
+        self._pending: set[asyncio.Task[None]] = set()
+        self._fallback = MemoryStore() if settings.store.on_error == "open" else None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # store calls ---------------------------------------------------------------------
+    async def call(self, operation: str, step: Callable[[], Awaitable[T]]) -> T:
+        """Run one store step within the store timeout; failures become 503."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self._timeout):
+                result = await step()
+        except (StoreError, TimeoutError, OSError) as exc:
+            self._metrics.store_errors.labels(operation).inc()
+            log.warning("store %s failed: %s", operation, type(exc).__name__)
+            raise StoreUnavailable(
+                "The proxy's budget store is unavailable; try again shortly.", retry_after=2
+            ) from exc
+        finally:
+            self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
+        return result
+
+    def periods(self, now: float | None = None) -> Periods:
+        moment = datetime.fromtimestamp(time.time() if now is None else now, self._zone)
+        return Periods(day=moment.strftime("%Y-%m-%d"), month=moment.strftime("%Y-%m"))
+
+    # holds ---------------------------------------------------------------------------
+    async def hold(self, key: KeyRecord, model: str, amount: int) -> Hold:
+        """Reserve ``amount`` for ``key`` or raise the refusal as an error."""
+        request = HoldRequest(
+            hold_id=f"{secrets.token_hex(12)}@{group_of(key.id, key.team)}",
+            key_id=key.id,
+            amount=amount,
+            periods=self.periods(),
+            ttl_seconds=self.hold_ttl,
+            model=model,
+            team=key.team,
+        )
+        store = self.store
+        try:
+            reservation = await self.call("reserve", lambda: store.reserve(request))
+        except StoreUnavailable:
+            if self._fallback is None:
+                raise
+            # store.on_error: open — limits of this process only, budgets counted locally.
+            store = self._fallback
+            await store.add_key(key)
+            reservation = await store.reserve(request)
+        if reservation.refusal is not None:
+            self._metrics.rejections.labels(reservation.refusal.value).inc()
+            raise _refusal_error(reservation.refusal, reservation.retry_after)
+        team = key.team or "none"
+        if reservation.team_remaining:
+            for period, remaining in reservation.team_remaining.items():
+                kind = "day" if len(period) == 10 else "month"
+                self._metrics.budget_remaining_usd.labels(team, kind).set(remaining / 1e6)
+        self._metrics.holds_outstanding.inc()
+        return Hold(self, request.hold_id, amount, model, team, store)
+
+    async def resolve(self, hold: Hold, spent: int, uncertain: int) -> None:
+        self._metrics.holds_outstanding.dec()
+        self._metrics.holds_resolved.labels(hold.outcome or "settled").inc()
+        if spent:
+            self._metrics.spend_usd.labels(hold.model, hold.team).inc(spent / 1e6)
+        if uncertain:
+            self._metrics.uncertain_usd.labels(hold.model, hold.team).inc(uncertain / 1e6)
+        if hold.store is not self.store:
+            await hold.store.settle(hold.id, spent, uncertain)
+            return
+        try:
+            await self.call("settle", lambda: self.store.settle(hold.id, spent, uncertain))
+        except ProxyError:
+            # The answer is already decided; the ledger must still learn it.
+            self._retry_later(hold.id, spent, uncertain)
+
+    def _retry_later(self, hold_id: str, spent: int, uncertain: int) -> None:
+        task = asyncio.create_task(self._settle_until_written(hold_id, spent, uncertain))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _settle_until_written(self, hold_id: str, spent: int, uncertain: int) -> None:
+        attempt = 0
+        while True:
+            delay = SETTLE_RETRY_SECONDS[min(attempt, len(SETTLE_RETRY_SECONDS) - 1)]
+            await asyncio.sleep(delay)
+            attempt += 1
+            try:
+                await self.call("settle", lambda: self.store.settle(hold_id, spent, uncertain))
+                return
+            except ProxyError:
+                continue
+
+    # background ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_SECONDS)
+            with contextlib.suppress(ProxyError):
+                expired = await self.call("expire", self.store.expire_holds)
+                if expired:
+                    self._metrics.holds_resolved.labels("expired").inc(expired)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Give queued settles a last chance to land, then stop the background work."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._pending:
+            await asyncio.wait(self._pending, timeout=grace)
+        for task in list(self._pending):
+            task.cancel()
+
+    @property
+    def pending_settles(self) -> int:
+        return len(self._pending)
+
+
+def _refusal_error(refusal: Refusal, retry_after: float | None) -> ProxyError:
+    if refusal in (Refusal.UNKNOWN_KEY, Refusal.REVOKED):
+        return Unauthorized("Incorrect API key provided.")
+    if refusal.is_budget:
+        scope = "team" if "team" in refusal.value else "key"
+        period = "daily" if "daily" in refusal.value else "monthly"
+        return BudgetExceeded(
+            f"The {period} budget of this {scope} is spent; it renews at the next period.",
+        )
+    if refusal is Refusal.RPM:
+        return RateLimited(
+            "Rate limit reached for this key (requests per minute).", retry_after=retry_after or 1.0
+        )
+    return RateLimited("Too many concurrent requests for this key.", retry_after=retry_after or 1.0)
