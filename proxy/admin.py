@@ -1,0 +1,278 @@
+"""``/admin/...`` (admin token only) and ``GET /v1/usage`` (the calling key).
+
+Keys are created with their secret shown once; listing shows ``sk-…abcd`` only.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .auth import Authenticator, bearer_token
+from .config import Settings
+from .errors import InvalidRequest, NotFound, ProxyError, Unauthorized
+from .exchange import exchange_of
+from .http import parse_json_object
+from .keys import KeyHasher, issue_key
+from .ledger import Ledger
+from .store import KeyRecord, Limits, Team
+
+LIMIT_FIELDS = ("daily_usd", "monthly_usd", "rpm", "concurrency")
+
+
+def json_response(value: Any, status: int = 200) -> Response:
+    import orjson
+
+    return Response(orjson.dumps(value), status, media_type="application/json")
+
+
+def error_response(error: ProxyError) -> Response:
+    return Response(
+        error.body(),
+        error.status,
+        headers=dict((k.decode(), v.decode()) for k, v in error.headers()),
+    )
+
+
+class Admin:
+    def __init__(
+        self, settings: Settings, ledger: Ledger, auth: Authenticator, hasher: KeyHasher
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.store = ledger.store
+        self.auth = auth
+        self.hasher = hasher
+        self.models = {m.name for m in settings.policy.models}
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/admin/keys", self._guard(self.list_keys), methods=["GET"]),
+            Route("/admin/keys", self._guard(self.create_key), methods=["POST"]),
+            Route("/admin/keys/{key_id}", self._guard(self.get_key), methods=["GET"]),
+            Route("/admin/keys/{key_id}", self._guard(self.update_key), methods=["PATCH"]),
+            Route("/admin/keys/{key_id}", self._guard(self.revoke_key), methods=["DELETE"]),
+            Route("/admin/teams", self._guard(self.list_teams), methods=["GET"]),
+            Route("/admin/teams", self._guard(self.put_team), methods=["POST"]),
+            Route("/admin/teams/{team}", self._guard(self.put_team), methods=["PATCH"]),
+            Route("/admin/usage", self._guard(self.usage), methods=["GET"]),
+            Route("/v1/usage", self.own_usage, methods=["GET"]),
+            Route("/usage", self.own_usage, methods=["GET"]),
+        ]
+
+    def _guard(self, handler: Any) -> Any:
+        async def endpoint(request: Request) -> Response:
+            exchange_of(request.scope).route = "/admin"
+            token = self.settings.auth.admin_token
+            try:
+                if not token:
+                    raise NotFound("The admin API is off (no admin token configured).")
+                given = bearer_token(request.headers) or ""
+                if not hmac.compare_digest(given.encode(), token.encode()):
+                    raise Unauthorized(
+                        "This route needs the admin token.", code="invalid_admin_token"
+                    )
+                result: Response = await handler(request)
+                return result
+            except ProxyError as error:
+                return error_response(error)
+
+        return endpoint
+
+    # keys ----------------------------------------------------------------------------
+    async def list_keys(self, request: Request) -> Response:
+        keys = await self.ledger.call("admin", self.store.keys)
+        return json_response({"object": "list", "data": [k.public() for k in keys]})
+
+    async def create_key(self, request: Request) -> Response:
+        body = parse_json_object(await request.body())
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200:
+            raise InvalidRequest("'name' is required: a non-empty string.", param="name")
+        unknown = set(body) - {"name", "team", "models", *LIMIT_FIELDS}
+        if unknown:
+            raise InvalidRequest(f"Unknown field {sorted(unknown)[0]!r}.", param=sorted(unknown)[0])
+        secret, record = issue_key(
+            self.hasher,
+            name.strip(),
+            team=_team(body.get("team")),
+            limits=_limits(
+                body,
+                Limits(
+                    daily_micros=round(self.settings.ledger.default_daily_usd * 1e6),
+                    monthly_micros=round(self.settings.ledger.default_monthly_usd * 1e6),
+                    rpm=self.settings.ledger.default_rpm,
+                    concurrency=self.settings.ledger.default_concurrency,
+                ),
+            ),
+            models=self._models(body.get("models")),
+        )
+        await self.ledger.call("admin", lambda: self.store.add_key(record))
+        return json_response({**record.public(), "key": secret}, 201)
+
+    async def get_key(self, request: Request) -> Response:
+        record = await self._key(request)
+        return json_response(record.public())
+
+    async def update_key(self, request: Request) -> Response:
+        record = await self._key(request)
+        body = parse_json_object(await request.body())
+        unknown = set(body) - {"name", "team", "models", "revoked", *LIMIT_FIELDS}
+        if unknown:
+            raise InvalidRequest(f"Unknown field {sorted(unknown)[0]!r}.", param=sorted(unknown)[0])
+        changes: dict[str, Any] = {"limits": _limits(body, record.limits)}
+        if "name" in body:
+            if not isinstance(body["name"], str) or not body["name"].strip():
+                raise InvalidRequest("'name' must be a non-empty string.", param="name")
+            changes["name"] = body["name"].strip()
+        if "team" in body and _team(body["team"]) != record.team:
+            raise InvalidRequest(
+                "A key's team is fixed at creation (its spend is counted there); "
+                "issue a new key in the other team.",
+                param="team",
+            )
+        if "models" in body:
+            changes["models"] = self._models(body["models"])
+        if "revoked" in body:
+            if not isinstance(body["revoked"], bool):
+                raise InvalidRequest("'revoked' must be true or false.", param="revoked")
+            changes["revoked"] = body["revoked"]
+        updated = await self.ledger.call(
+            "admin", lambda: self.store.update_key(record.id, **changes)
+        )
+        if updated is None:
+            raise NotFound("No such key.")
+        self.auth.forget(record.key_hash)
+        return json_response(updated.public())
+
+    async def revoke_key(self, request: Request) -> Response:
+        record = await self._key(request)
+        await self.ledger.call("admin", lambda: self.store.update_key(record.id, revoked=True))
+        self.auth.forget(record.key_hash)
+        return json_response({"id": record.id, "object": "proxy.key", "revoked": True})
+
+    async def _key(self, request: Request) -> KeyRecord:
+        key_id = request.path_params["key_id"]
+        record = await self.ledger.call("admin", lambda: self.store.key(key_id))
+        if record is None:
+            raise NotFound("No such key.")
+        return record
+
+    def _models(self, value: object) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+            raise InvalidRequest("'models' must be a list of model names.", param="models")
+        unknown = [m for m in value if m not in self.models]
+        if unknown:
+            raise InvalidRequest(f"Unknown model {unknown[0]!r}.", param="models")
+        return tuple(value)
+
+    # teams ---------------------------------------------------------------------------
+    async def list_teams(self, request: Request) -> Response:
+        teams = await self.ledger.call("admin", self.store.teams)
+        return json_response({"object": "list", "data": [t.public() for t in teams]})
+
+    async def put_team(self, request: Request) -> Response:
+        body = parse_json_object(await request.body())
+        name = request.path_params.get("team") or _team(body.get("name"))
+        if not name:
+            raise InvalidRequest("'name' is required.", param="name")
+        current = await self.ledger.call("admin", lambda: self.store.team(name))
+        limits = _limits(body, current.limits if current else Limits())
+        team = Team(name, Limits(limits.daily_micros, limits.monthly_micros))
+        await self.ledger.call("admin", lambda: self.store.put_team(team))
+        return json_response(team.public(), 200 if current else 201)
+
+    # usage ---------------------------------------------------------------------------
+    async def usage(self, request: Request) -> Response:
+        periods = self.ledger.periods()
+        keys = await self.ledger.call("admin", self.store.keys)
+        wanted_key = request.query_params.get("key")
+        wanted_team = request.query_params.get("team")
+        rows = []
+        for key in keys:
+            if wanted_key and key.id != wanted_key:
+                continue
+            if wanted_team and key.team != wanted_team:
+                continue
+            rows.append({**key.public(), **await self._tallies("key", key.id, periods)})
+        teams = sorted(
+            {k.team for k in keys if k.team}
+            | {t.name for t in await self.ledger.call("admin", self.store.teams)}
+        )
+        team_rows = [
+            {"team": t, **await self._tallies("team", t, periods)}
+            for t in teams
+            if not wanted_team or t == wanted_team
+        ]
+        return json_response(
+            {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
+        )
+
+    async def own_usage(self, request: Request) -> Response:
+        exchange_of(request.scope).route = "/v1/usage"
+        try:
+            caller = await self.auth.authenticate(request.headers)
+            periods = self.ledger.periods()
+            key = caller.key
+            result: dict[str, Any] = {
+                "object": "proxy.usage",
+                "key": key.public(),
+                "day": periods.day,
+                "month": periods.month,
+                **await self._tallies("key", key.id, periods),
+            }
+            if key.team:
+                result["team"] = {
+                    "name": key.team,
+                    **await self._tallies("team", key.team, periods),
+                }
+            return json_response(result)
+        except ProxyError as error:
+            return error_response(error)
+
+    async def _tallies(self, scope: str, name: str, periods: Any) -> dict[str, Any]:
+        day = await self.ledger.call("usage", lambda: self.store.tally(scope, name, periods.day))
+        month = await self.ledger.call(
+            "usage", lambda: self.store.tally(scope, name, periods.month)
+        )
+        return {"today": day.as_usd(), "this_month": month.as_usd()}
+
+
+def _team(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > 100:
+        raise InvalidRequest("'team' must be a non-empty string.", param="team")
+    if any(c in value for c in "{}:"):
+        raise InvalidRequest("'team' may not contain '{', '}' or ':'.", param="team")
+    return value.strip()
+
+
+def _limits(body: dict[str, Any], base: Limits) -> Limits:
+    values = {
+        "daily_micros": base.daily_micros,
+        "monthly_micros": base.monthly_micros,
+        "rpm": base.rpm,
+        "concurrency": base.concurrency,
+    }
+    for name in LIMIT_FIELDS:
+        if name not in body:
+            continue
+        value = body[name]
+        if value is None:
+            value = 0
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise InvalidRequest(f"'{name}' must be a number >= 0 (or null).", param=name)
+        if name.endswith("_usd"):
+            values[name.replace("_usd", "_micros")] = round(value * 1_000_000)
+        else:
+            if value != int(value):
+                raise InvalidRequest(f"'{name}' must be a whole number.", param=name)
+            values[name] = int(value)
+    return Limits(**values)

@@ -1,0 +1,169 @@
+"""``create_app(settings)``: builds everything; the lifespan opens and closes it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
+
+from .admin import Admin, error_response, json_response
+from .auth import Authenticator
+from .config import Settings
+from .errors import MethodNotAllowed, NotFound, StoreUnavailable
+from .exchange import ExchangeMiddleware, exchange_of
+from .idempotency import Idempotency
+from .images import ImagesEndpoint, Services
+from .keys import KeyHasher
+from .ledger import Ledger
+from .metrics import Metrics
+from .policy import RequestPolicy
+from .results import open_results
+from .store import Limits, Store, StoreError, Team, open_store
+from .upstream import UpstreamClient, open_upstream
+
+log = logging.getLogger("apiyi_proxy")
+FAKE_UPSTREAM_MOUNT = "/_fake_upstream"
+STORE_OPEN_SECONDS = 10.0
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    upstream: UpstreamClient | None = None,
+    metrics: Metrics | None = None,
+    on_ready: Callable[[Services], Awaitable[None]] | None = None,
+) -> ASGIApp:
+    metrics = metrics or Metrics()
+    store = store or open_store(settings.store)
+    upstream = upstream or open_upstream(settings.upstream)
+    ledger = Ledger(store, settings, metrics)
+    hasher = KeyHasher(settings.auth.key_pepper)
+    auth = Authenticator(settings, ledger, hasher)
+    results = open_results(settings.store)
+    idempotency = Idempotency(settings, ledger, results, metrics)
+    services = Services(
+        settings,
+        RequestPolicy(settings.policy),
+        auth,
+        ledger,
+        upstream,
+        metrics,
+        hasher,
+        idempotency,
+    )
+    admin = Admin(settings, ledger, auth, hasher)
+    generations = ImagesEndpoint(services, "generations")
+    edits = ImagesEndpoint(services, "edits")
+    model_list = _model_list(settings)
+
+    async def models(request: Request) -> Response:
+        exchange_of(request.scope).route = "/v1/models"
+        return json_response(model_list)
+
+    async def healthz(request: Request) -> Response:
+        exchange_of(request.scope).route = "/healthz"
+        return json_response({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        exchange_of(request.scope).route = "/readyz"
+        try:
+            await ledger.call("ping", store.ping)
+        except StoreUnavailable as error:
+            return error_response(error)
+        return json_response({"status": "ready"})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        exchange_of(request.scope).route = "/metrics"
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    routes: list[Any] = [
+        Route("/v1/images/generations", generations, methods=["POST"]),
+        Route("/images/generations", generations, methods=["POST"]),
+        Route("/v1/images/edits", edits, methods=["POST"]),
+        Route("/images/edits", edits, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/models", models, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        *admin.routes(),
+    ]
+    if settings.server.metrics_port is None:
+        routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    if settings.server.fake_upstream:
+        from .fake_upstream import FakeUpstream, create_fake_app
+
+        routes.append(Mount(FAKE_UPSTREAM_MOUNT, create_fake_app(FakeUpstream(api_key=None))))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(STORE_OPEN_SECONDS):
+                await store.open()
+        except (StoreError, TimeoutError):
+            log.warning("store not reachable at start-up; /readyz reports it until it is")
+        for name, budget in settings.ledger.teams.items():
+            await store.put_team(
+                Team(
+                    name,
+                    Limits(
+                        daily_micros=round(budget.get("daily_usd", 0) * 1e6),
+                        monthly_micros=round(budget.get("monthly_usd", 0) * 1e6),
+                    ),
+                )
+            )
+        ledger.start()
+        if on_ready is not None:
+            await on_ready(services)
+        try:
+            yield
+        finally:
+            await ledger.stop()
+            await upstream.close()
+            await results.close()
+            await store.close()
+
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={404: _not_found, 405: _not_allowed},
+    )
+    app.state.services = services
+    return ExchangeMiddleware(app, metrics, settings.log.access_log)
+
+
+def _model_list(settings: Settings) -> dict[str, Any]:
+    created = int(time.time())
+    data = [
+        {"id": m.name, "object": "model", "created": created, "owned_by": "apiyi-proxy"}
+        for m in settings.policy.models
+    ]
+    for alias, target in settings.policy.model_aliases.items():
+        data.append(
+            {
+                "id": alias,
+                "object": "model",
+                "created": created,
+                "owned_by": "apiyi-proxy",
+                "alias_of": target,
+            }
+        )
+    return {"object": "list", "data": data}
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return error_response(NotFound(f"Unknown route {request.method} {request.url.path[:100]}."))
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return error_response(MethodNotAllowed(f"Method {request.method} is not allowed here."))

@@ -1,0 +1,111 @@
+"""Who is calling: a proxy-issued key (``keys`` mode) or an upstream key (``passthrough``).
+
+Key records are cached for a few seconds so that the request path needs no store
+round trip beyond the hold and its settle; the hold step itself re-reads the key
+atomically, so a revoked key is refused there even while a stale copy is cached.
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .config import Settings
+from .errors import Forbidden, Unauthorized
+from .keys import KeyHasher
+from .ledger import Ledger
+from .store import KeyRecord, Limits
+
+CACHE_ENTRIES = 10_000
+
+
+@dataclass(frozen=True)
+class Caller:
+    key: KeyRecord
+    # The key sent upstream: the client's own in passthrough mode, else the proxy's.
+    upstream_key: str | None
+
+    def check_model(self, model: str) -> None:
+        if self.key.models and model not in self.key.models:
+            raise Forbidden(
+                f"This key may not use the model {model!r}.",
+                code="model_not_allowed",
+                param="model",
+            )
+
+
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("authorization", "")
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, ledger: Ledger, hasher: KeyHasher) -> None:
+        self._settings = settings
+        self._ledger = ledger
+        self._hasher = hasher
+        self._ttl = settings.auth.key_cache_seconds
+        self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
+
+    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
+        token = bearer_token(headers)
+        if token is None:
+            raise Unauthorized(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
+                code="missing_api_key",
+            )
+        key_hash = self._hasher.hash(token)
+        if self._settings.auth.mode == "passthrough":
+            return Caller(await self._passthrough_record(key_hash, token), upstream_key=token)
+        record = await self._lookup(key_hash)
+        if record is None or record.revoked or not hmac.compare_digest(record.key_hash, key_hash):
+            raise Unauthorized("Incorrect API key provided.")
+        return Caller(record, upstream_key=None)
+
+    async def _lookup(self, key_hash: str) -> KeyRecord | None:
+        now = time.monotonic()
+        cached = self._cache.get(key_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        record = await self._ledger.call("key", lambda: self._ledger.store.key_by_hash(key_hash))
+        if record is not None:
+            self._remember(key_hash, record, now)
+        return record
+
+    def _remember(self, key_hash: str, record: KeyRecord, now: float) -> None:
+        self._cache[key_hash] = (now + self._ttl, record)
+        self._cache.move_to_end(key_hash)
+        while len(self._cache) > CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+
+    def forget(self, key_hash: str) -> None:
+        self._cache.pop(key_hash, None)
+
+    async def _passthrough_record(self, key_hash: str, token: str) -> KeyRecord:
+        """The ledger record metering an upstream key, made on first sight."""
+        record = await self._lookup(key_hash)
+        if record is not None:
+            return record
+        ledger = self._settings.ledger
+        record = KeyRecord(
+            id="pt_" + key_hash[:16],
+            name=f"passthrough …{token[-4:]}",
+            key_hash=key_hash,
+            last4=token[-4:],
+            created=int(time.time()),
+            limits=Limits(
+                daily_micros=round(ledger.default_daily_usd * 1e6),
+                monthly_micros=round(ledger.default_monthly_usd * 1e6),
+                rpm=ledger.default_rpm,
+                concurrency=ledger.default_concurrency,
+            ),
+        )
+        await self._ledger.call("key", lambda: self._ledger.store.add_key(record))
+        self._remember(key_hash, record, time.monotonic())
+        return record

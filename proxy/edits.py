@@ -1,0 +1,151 @@
+"""Multipart bodies of ``/v1/images/edits``: read within the limit, rebuilt for upstream.
+
+The client's form is parsed with parts spooled to disk past 1 MB, checked (1 to 16
+images, png/jpeg/webp by their bytes, order kept), and the upstream body is rebuilt
+from the policy's text fields plus the image parts, streamed with a known length.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.types import Message, Receive, Scope
+
+from .config import PolicySettings
+from .errors import BodyTooLarge, InvalidRequest
+from .http import ClientGone
+
+IMAGE_FIELDS = ("image", "image[]")
+CHUNK = 64 * 1024
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
+
+
+@dataclass
+class EditForm:
+    fields: dict[str, str]
+    images: list[tuple[str, UploadFile]]
+
+    async def close(self) -> None:
+        for _, upload in self.images:
+            await upload.close()
+
+    def check_images(self, most: int) -> None:
+        if not self.images:
+            raise InvalidRequest("At least one 'image' part is required.", param="image")
+        if len(self.images) > most:
+            raise InvalidRequest(f"At most {most} images may be sent.", param="image")
+
+    def upstream_body(
+        self, fields: Mapping[str, object]
+    ) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+        boundary = "apiyi-" + secrets.token_hex(16)
+        heads: list[bytes] = []
+        for name, value in fields.items():
+            heads.append(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+                f"{value}\r\n".encode()
+            )
+        parts: list[tuple[bytes, UploadFile]] = []
+        for i, (name, upload) in enumerate(self.images):
+            mime = sniff(upload) or "application/octet-stream"
+            filename = f"image{i}.{mime.rpartition('/')[2]}"
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                f'filename="{filename}"\r\nContent-Type: {mime}\r\n\r\n'
+            ).encode()
+            parts.append((head, upload))
+        tail = f"--{boundary}--\r\n".encode()
+        length = sum(map(len, heads)) + len(tail)
+        length += sum(len(head) + (upload.size or 0) + 2 for head, upload in parts)
+
+        async def stream() -> AsyncIterator[bytes]:
+            for head in heads:
+                yield head
+            for head, upload in parts:
+                yield head
+                # Positional reads: fanout streams the same parts to several calls at once.
+                fd, offset = upload.file.fileno(), 0
+                while chunk := os.pread(fd, CHUNK, offset):
+                    offset += len(chunk)
+                    yield chunk
+                yield b"\r\n"
+            yield tail
+
+        headers = {
+            "content-type": f"multipart/form-data; boundary={boundary}",
+            "content-length": str(length),
+        }
+        return stream(), headers
+
+
+def sniff(upload: UploadFile) -> str | None:
+    head = upload.file.read(16)
+    upload.file.seek(0)
+    for magic, mime in _MAGIC:
+        if head.startswith(magic):
+            return mime
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    return None
+
+
+async def read_form(
+    scope: Scope, receive: Receive, headers: Mapping[str, str], policy: PolicySettings
+) -> EditForm:
+    limit = policy.max_edit_body_bytes
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    if not headers.get("content-type", "").startswith("multipart/form-data"):
+        raise InvalidRequest("Image edits take a multipart/form-data body.")
+    received = 0
+
+    async def bounded() -> Message:
+        nonlocal received
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        return message
+
+    request = Request(scope, bounded)
+    try:
+        form = await request.form(
+            max_files=policy.max_edit_images + 2, max_fields=32, max_part_size=1024 * 1024
+        )
+    except (MultiPartException, HTTPException, ValueError) as exc:
+        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        raise InvalidRequest(f"The multipart body could not be read: {detail}") from None
+    fields: dict[str, str] = {}
+    images: list[tuple[str, UploadFile]] = []
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, str):
+                if name in fields:
+                    raise InvalidRequest(f"The field {name!r} was sent twice.", param=name)
+                fields[name] = value
+            elif name in IMAGE_FIELDS:
+                if sniff(value) is None:
+                    raise InvalidRequest(
+                        "Each image must be a PNG, JPEG or WebP file.", param="image"
+                    )
+                images.append((name, value))
+            else:
+                # Other file parts (a mask, say) meet the unsupported-field policy.
+                fields.setdefault(name, "")
+                await value.close()
+    except InvalidRequest:
+        await form.close()
+        raise
+    edit_form = EditForm(fields, images)
+    scope.setdefault("state", {})["edit_form"] = edit_form
+    return edit_form

@@ -1,0 +1,198 @@
+"""``POST /v1/images/generations`` and ``/v1/images/edits``: the proxied calls.
+
+Order (SPEC section 5): size limit → parse → auth → policy → idempotency → hold →
+upstream. Nothing that fails before the hold reaches the upstream or reserves money;
+after it, ``forward`` resolves the hold exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from . import edits
+from .auth import Authenticator, Caller
+from .config import Settings
+from .errors import Conflict, ProxyError
+from .exchange import Exchange, exchange_of
+from .forward import Body, Call, Forwarder
+from .http import ClientGone, header_map, parse_json_object, read_body, send_error
+from .idempotency import Claim, Idempotency, Replay, fingerprint
+from .keys import KeyHasher
+from .ledger import Ledger
+from .metrics import Metrics
+from .policy import Decision, RequestPolicy
+from .upstream import UpstreamClient
+
+
+@dataclass(frozen=True)
+class Services:
+    """What the image routes share, built once per app."""
+
+    settings: Settings
+    policy: RequestPolicy
+    auth: Authenticator
+    ledger: Ledger
+    upstream: UpstreamClient
+    metrics: Metrics
+    hasher: KeyHasher
+    idempotency: Idempotency
+
+
+@dataclass
+class Admitted:
+    """A request that passed parsing, auth and policy."""
+
+    headers: Mapping[str, str]
+    caller: Caller
+    decision: Decision
+    upstream_body: bytes | edits.EditForm
+
+    def body(self) -> Body:
+        if isinstance(self.upstream_body, bytes):
+            return self.upstream_body, {"content-type": "application/json"}
+        return self.upstream_body.upstream_body(self.decision.body)
+
+    def fingerprint(self) -> str:
+        if isinstance(self.upstream_body, bytes):
+            return fingerprint(self.upstream_body)
+        encoded = orjson.dumps(self.decision.body, option=orjson.OPT_SORT_KEYS)
+        return fingerprint(
+            encoded, *(_digest(u.file.fileno()) for _, u in self.upstream_body.images)
+        )
+
+
+class ImagesEndpoint:
+    def __init__(self, services: Services, kind: Literal["generations", "edits"]) -> None:
+        self.s = services
+        self.kind = kind
+        self.route = f"/v1/images/{kind}"
+        self._prices = {m.name: m.price_micros for m in services.settings.policy.models}
+        self._forwarder = Forwarder(
+            services.settings, services.upstream, services.metrics, f"/images/{kind}"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ex = exchange_of(scope)
+        ex.route = self.route
+        form: edits.EditForm | None = None
+        try:
+            admitted = await self._admit(scope, receive, ex)
+            if isinstance(admitted.upstream_body, edits.EditForm):
+                form = admitted.upstream_body
+            await self._run(ex, admitted, send)
+        except ProxyError as error:
+            ex.error_code = error.code
+            self.s.metrics.rejections.labels(error.code or "invalid_request").inc()
+            await send_error(send, error)
+        except ClientGone:
+            ex.error_code = "client_gone"
+        finally:
+            form = form or scope["state"].pop("edit_form", None)
+            if form is not None:
+                await form.close()
+
+    async def _admit(self, scope: Scope, receive: Receive, ex: Exchange) -> Admitted:
+        headers = header_map(scope)
+        policy = self.s.settings.policy
+        upstream_body: bytes | edits.EditForm
+        if self.kind == "generations":
+            payload = parse_json_object(await read_body(scope, receive, policy.max_body_bytes))
+            caller = await self.s.auth.authenticate(headers)
+            decision = self.s.policy.generation(payload)
+            upstream_body = orjson.dumps(decision.body)
+        else:
+            form = await edits.read_form(scope, receive, headers, policy)
+            caller = await self.s.auth.authenticate(headers)
+            decision = self.s.policy.edit(form.fields)
+            form.check_images(policy.max_edit_images)
+            upstream_body = form
+        ex.key_id, ex.key_name, ex.team = caller.key.id, caller.key.name, caller.key.team
+        ex.model, ex.size = decision.model, decision.body.get("size")
+        ex.adjusted = decision.adjusted_header
+        caller.check_model(decision.model)
+        return Admitted(headers, caller, decision, upstream_body)
+
+    async def _run(self, ex: Exchange, admitted: Admitted, send: Send) -> None:
+        idempotency = self.s.idempotency
+        found = await idempotency.begin(admitted.headers, admitted.caller.key, admitted.fingerprint)
+        if isinstance(found, Replay):
+            if await idempotency.replay(found, send):
+                ex.replay = found.kind
+                return
+            if found.kind == "idempotency_key":
+                raise Conflict(
+                    "The stored answer for this Idempotency-Key is no longer available.",
+                    code="idempotent_result_unavailable",
+                )
+            found = None
+        claim: Claim | None = found
+        try:
+            await self._charge_and_forward(ex, admitted, send, claim)
+        except BaseException:
+            if claim is not None and ex.hold is None:
+                await idempotency.abandon(claim)  # refused before any money moved
+            raise
+
+    async def _charge_and_forward(
+        self, ex: Exchange, admitted: Admitted, send: Send, claim: Claim | None
+    ) -> None:
+        decision = admitted.decision
+        price = self._prices[decision.model]
+        hold = await self.s.ledger.hold(
+            admitted.caller.key, decision.model, price * decision.images
+        )
+        ex.hold = hold.id
+        call = Call(
+            ex,
+            admitted.caller,
+            decision,
+            admitted.body,
+            hold,
+            price,
+            claim.capture if claim else None,
+        )
+        try:
+            if decision.calls > 1:
+                await self._forwarder.fanout(call, send)
+            else:
+                await self._forwarder.single(call, send)
+        finally:
+            if hold.outcome is None:
+                # Cancelled or failed in a way not foreseen: the upstream may have
+                # billed, so keep the money and say we do not know.
+                ex.uncertain_micros = hold.amount
+                await hold.settle(hold.amount, hold.amount)
+            if claim is not None:
+                await self._close_claim(claim, ex, hold.outcome)
+
+    async def _close_claim(self, claim: Claim, ex: Exchange, outcome: str | None) -> None:
+        idempotency = self.s.idempotency
+        try:
+            if ex.status == 200 and ex.images_returned:
+                headers = [(b"content-type", b"application/json")]
+                if ex.adjusted:
+                    headers.append((b"x-proxy-adjusted", ex.adjusted.encode()))
+                await idempotency.succeeded(claim, headers)
+            elif outcome == "released":
+                await idempotency.abandon(claim)
+            else:
+                await idempotency.uncertain(claim)
+        except ProxyError:
+            # The claim expires with the hold's deadline; nothing is lost but a replay.
+            claim.capture.discard()
+
+
+def _digest(fd: int) -> bytes:
+    h = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        offset += len(chunk)
+        h.update(chunk)
+    return h.digest()
