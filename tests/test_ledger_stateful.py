@@ -47,8 +47,9 @@ class LedgerMachine(RuleBasedStateMachine):
             KeyHasher("p"),
             "k",
             team="team",
-            limits=Limits(daily_micros=self.key_daily, monthly_micros=self.key_monthly,
-                          concurrency=4),
+            limits=Limits(
+                daily_micros=self.key_daily, monthly_micros=self.key_monthly, concurrency=4
+            ),
         )
         self.run(self.store.put_team(Team("team", Limits(self.team_limit, self.team_limit))))
         self.run(self.store.add_key(self.key))
@@ -66,12 +67,12 @@ class LedgerMachine(RuleBasedStateMachine):
     @rule(target=holds, images=st.integers(1, 3))
     def reserve(self, images: int) -> str:
         hold_id = f"{secrets.token_hex(6)}@{group_of(self.key.id, 'team')}"
-        request = HoldRequest(hold_id, self.key.id, images * PRICE, PERIODS, 60.0,
-                              "gpt-image-2-vip", "team")
+        request = HoldRequest(
+            hold_id, self.key.id, images * PRICE, PERIODS, 60.0, "gpt-image-2-vip", "team"
+        )
         result = self.run(self.store.reserve(request))
         committed = sum(self.open.values()) + self.spent
-        fits = committed + images * PRICE <= min(self.key_daily, self.key_monthly,
-                                                 self.team_limit)
+        fits = committed + images * PRICE <= min(self.key_daily, self.key_monthly, self.team_limit)
         if result.ok:
             assert fits and len(self.open) < 4
             self.open[hold_id] = images * PRICE

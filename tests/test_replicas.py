@@ -1,0 +1,281 @@
+"""Money and limits across replicas: proxy processes sharing a real Redis.
+
+Each test starts its own redis-server (or cluster) and fake upstream, then several
+``python -m proxy serve`` processes against them, and drives them over real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from proxy.fake_upstream import FakeUpstream, create_fake_app
+
+from .conftest import (
+    ADMIN_TOKEN,
+    UPSTREAM_KEY,
+    ProxyProcess,
+    RedisCluster,
+    RedisServer,
+    ThreadServer,
+    billing,
+)
+
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def upstream() -> Iterator[ThreadServer]:
+    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
+        yield server
+
+
+def replica_env(store_url: str, upstream: ThreadServer, **extra: str) -> dict[str, str]:
+    results = store_url
+    if store_url.startswith("redis://"):
+        # Replay bodies in another database here; in production another instance.
+        results = store_url.rpartition("/")[0] + "/1"
+    return {
+        "APIYI_PROXY_STORE__RESULTS_URL": results,
+        "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
+        "APIYI_API_KEY": UPSTREAM_KEY,
+        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "APIYI_PROXY_STORE_URL": store_url,
+        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas",
+        "APIYI_PROXY_LOG__LEVEL": "warning",
+        **extra,
+    }
+
+
+def create_key(proxy: ProxyProcess, **fields: Any) -> tuple[str, str]:
+    response = httpx.post(proxy.url + "/admin/keys", json={"name": "k", **fields}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    return body["key"], body["id"]
+
+
+async def fire(
+    urls: list[str], key: str, count: int, prompt: str = "p", seconds: float = 60
+) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=count)
+    async with httpx.AsyncClient(timeout=seconds, limits=limits) as client:
+        return await asyncio.gather(
+            *(
+                client.post(
+                    urls[i % len(urls)] + "/v1/images/generations",
+                    json={"prompt": prompt, "response_format": "url"},
+                    headers={"authorization": f"Bearer {key}"},
+                )
+                for i in range(count)
+            )
+        )
+
+
+def usage(proxy: ProxyProcess, key: str) -> dict[str, Any]:
+    response = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    today: dict[str, Any] = response.json()["today"]
+    return today
+
+
+def budget_race(
+    store_url: str,
+    upstream: ThreadServer,
+    proxy_process: Callable[..., ProxyProcess],
+    replicas: int,
+) -> None:
+    proxies = [proxy_process(replica_env(store_url, upstream)) for _ in range(replicas)]
+    key, _ = create_key(proxies[0], daily_usd=0.30)
+    responses = asyncio.run(fire([p.url for p in proxies], key, 300, "[fake:latency=0.2] x"))
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code != 200]
+    assert len(ok) == 10
+    for r in refused:
+        assert r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "budget_exceeded"
+        assert r.json()["error"]["type"] == "insufficient_quota"
+        assert r.headers["x-should-retry"] == "false"
+    assert billing(upstream)["images_billed"] == 10
+    today = usage(proxies[1], key)
+    assert today["spent_usd"] == pytest.approx(0.30)
+    assert today["held_usd"] == 0
+    assert today["remaining_usd"] == 0
+
+
+def test_three_replicas_spend_a_budget_exactly(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    budget_race(redis_server.url, upstream, proxy_process, 3)
+
+
+def test_budget_exact_on_a_redis_cluster(
+    redis_cluster: RedisCluster,
+    upstream: ThreadServer,
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    budget_race(redis_cluster.url, upstream, proxy_process, 2)
+
+
+def test_concurrency_and_rpm_hold_across_replicas(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    proxies = [proxy_process(replica_env(redis_server.url, upstream)) for _ in range(3)]
+    urls = [p.url for p in proxies]
+    key, _ = create_key(proxies[0], concurrency=3)
+    responses = asyncio.run(fire(urls, key, 12, "[fake:latency=1.5] x"))
+    assert sorted(r.status_code for r in responses) == [200] * 3 + [429] * 9
+    for r in responses:
+        if r.status_code == 429:
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+            assert int(r.headers["retry-after"]) >= 1
+
+    # GCRA: rpm 20 with a burst of 20; over a few seconds at most 20 + 20 * t / 60 pass.
+    key, _ = create_key(proxies[0], rpm=20)
+    started = time.monotonic()
+    responses = asyncio.run(fire(urls, key, 60))
+    elapsed = time.monotonic() - started
+    passed = sum(r.status_code == 200 for r in responses)
+    assert 20 <= passed <= 20 + 20 * elapsed / 60 + 1
+    limited = [r for r in responses if r.status_code == 429]
+    assert limited and all(int(r.headers["retry-after"]) >= 1 for r in limited)
+
+
+def test_killed_replica_hold_expires_as_uncertain_spend(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    # Short upstream timeouts make the hold's deadline short: 1 + 1 + 0.5 s.
+    env = replica_env(
+        redis_server.url,
+        upstream,
+        APIYI_PROXY_UPSTREAM__READ_TIMEOUT="1",
+        APIYI_PROXY_UPSTREAM__CONNECT_TIMEOUT="1",
+        APIYI_PROXY_LEDGER__HOLD_GRACE_SECONDS="0.5",
+    )
+    doomed, survivor = proxy_process(env), proxy_process(env)
+    key, _ = create_key(survivor, concurrency=1, daily_usd=0.30)
+    headers = {"authorization": f"Bearer {key}"}
+    client = httpx.Client(timeout=30)
+    body = {"prompt": "[fake:latency=30] slow"}
+
+    import threading
+
+    threading.Thread(
+        target=lambda: _ignore_errors(
+            lambda: client.post(doomed.url + "/v1/images/generations", json=body, headers=headers)
+        ),
+        daemon=True,
+    ).start()
+    deadline = time.monotonic() + 10
+    while not billing(upstream)["requests"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    doomed.kill()
+
+    blocked = httpx.post(
+        survivor.url + "/v1/images/generations", json={"prompt": "x"}, headers=headers
+    )
+    assert blocked.status_code == 429  # the dead replica's hold still counts
+    time.sleep(2.6)
+    freed = httpx.post(
+        survivor.url + "/v1/images/generations", json={"prompt": "x"}, headers=headers, timeout=30
+    )
+    assert freed.status_code == 200, freed.text
+    today = usage(survivor, key)
+    assert today["spent_usd"] == pytest.approx(0.06)
+    assert today["uncertain_usd"] == pytest.approx(0.03)
+    assert today["held_usd"] == 0
+
+
+def _ignore_errors(call: Callable[[], Any]) -> None:
+    try:
+        call()
+    except httpx.HTTPError:
+        pass
+
+
+def test_redis_paused_under_load_fails_fast_and_ledger_adds_up(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    env = replica_env(redis_server.url, upstream, APIYI_PROXY_STORE__TIMEOUT_SECONDS="0.3")
+    proxies = [proxy_process(env) for _ in range(2)]
+    urls = [p.url for p in proxies]
+    key, _ = create_key(proxies[0], daily_usd=100)
+    assert all(r.status_code == 200 for r in asyncio.run(fire(urls, key, 10)))
+    assert billing(upstream)["images_billed"] == 10
+
+    redis_server.pause()
+    try:
+        started = time.monotonic()
+        during = asyncio.run(fire(urls, key, 40, seconds=10))
+        elapsed = time.monotonic() - started
+    finally:
+        redis_server.resume()
+    assert elapsed < 3.0
+    assert all(r.status_code == 503 for r in during), [r.status_code for r in during]
+    assert all(r.json()["error"]["code"] == "store_unavailable" for r in during)
+    assert all(int(r.headers["retry-after"]) >= 1 for r in during)
+    assert billing(upstream)["images_billed"] == 10  # the upstream was never called
+
+    after = asyncio.run(fire(urls, key, 5))
+    assert all(r.status_code == 200 for r in after)
+    today = usage(proxies[0], key)
+    assert today["spent_usd"] == pytest.approx(0.03 * billing(upstream)["images_billed"])
+    assert today["held_usd"] == 0
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_sdk_retry_after_timeout_joins_the_first_call(
+    store: str,
+    redis_server: RedisServer,
+    upstream: ThreadServer,
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    url = "memory://" if store == "memory" else redis_server.url
+    proxy = proxy_process(replica_env(url, upstream))
+    key, _ = create_key(proxy)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, timeout=1.0, max_retries=2)
+    raw = sdk.images.with_raw_response.generate(prompt="[fake:latency=2.5] a slow picture")
+    result = raw.parse()
+    assert result.data and result.data[0].b64_json
+    assert raw.headers.get("x-proxy-replay") == "sdk_retry"
+    assert billing(upstream)["images_billed"] == 1
+    assert usage(proxy, key)["spent_usd"] == pytest.approx(0.03)
+
+
+def test_idempotency_key_replays_and_refuses_other_bodies(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    proxies = [proxy_process(replica_env(redis_server.url, upstream)) for _ in range(2)]
+    key, _ = create_key(proxies[0])
+    headers = {"authorization": f"Bearer {key}", "idempotency-key": "order-17"}
+    body = {"prompt": "[fake:latency=0.5] one picture", "response_format": "url"}
+
+    async def twice() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(p.url + "/v1/images/generations", json=body, headers=headers)
+                    for p in proxies
+                )
+            )
+
+    first, second = asyncio.run(twice())
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    third = httpx.post(proxies[1].url + "/v1/images/generations", json=body, headers=headers)
+    assert third.json() == first.json()
+    assert billing(upstream)["images_billed"] == 1
+    assert usage(proxies[0], key)["spent_usd"] == pytest.approx(0.03)
+    other = httpx.post(
+        proxies[0].url + "/v1/images/generations",
+        json={**body, "prompt": "another"},
+        headers=headers,
+    )
+    assert other.status_code == 422
+    assert billing(upstream)["images_billed"] == 1
