@@ -2,15 +2,18 @@
 
 ``Ledger`` wraps the store with what the request path needs: a time bound on every
 store call (a slow or dead store fails closed with 503 instead of hanging), metrics,
-budget periods in the configured time zone, and a retry queue so that a settle that
-could not be written is tried again rather than forgotten. If the process dies with
-holds open, their deadlines turn them into uncertain spend.
+budget periods in the configured time zone, and a queue of resolutions the store has
+not taken yet: a settle that could not be written, or the release of a reserve whose
+answer never came (it may still land), is written when the store is back rather than
+forgotten. If the process dies with holds open, their deadlines turn them into
+uncertain spend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
@@ -38,6 +41,7 @@ log = logging.getLogger("apiyi_proxy.ledger")
 
 SETTLE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 SWEEP_SECONDS = 5.0
+MAX_QUEUED_RELEASES = 100_000
 
 
 class Hold:
@@ -82,9 +86,12 @@ class Ledger:
             + settings.upstream.connect_timeout
             + (settings.ledger.hold_grace_seconds)
         )
-        self._pending: set[asyncio.Task[None]] = set()
+        # hold id -> (spent, uncertain): resolutions decided but not yet written.
+        self._unwritten: dict[str, tuple[int, int]] = {}
+        self._wake = asyncio.Event()
+        self._store_back = asyncio.Event()
         self._fallback = MemoryStore() if settings.store.on_error == "open" else None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # store calls ---------------------------------------------------------------------
     async def call(self, operation: str, step: Callable[[], Awaitable[T]]) -> T:
@@ -101,6 +108,8 @@ class Ledger:
             ) from exc
         finally:
             self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
+        if self._unwritten:
+            self._store_back.set()
         return result
 
     def periods(self, now: float | None = None) -> Periods:
@@ -123,6 +132,9 @@ class Ledger:
         try:
             reservation = await self.call("reserve", lambda: store.reserve(request))
         except StoreUnavailable:
+            # The reserve may still reach the store after we stopped waiting for it:
+            # release its id until that is written, so no phantom hold is left behind.
+            self._queue(request.hold_id, 0, 0)
             if self._fallback is None:
                 raise
             # store.on_error: open — limits of this process only, budgets counted locally.
@@ -154,28 +166,52 @@ class Ledger:
             await self.call("settle", lambda: self.store.settle(hold.id, spent, uncertain))
         except ProxyError:
             # The answer is already decided; the ledger must still learn it.
-            self._retry_later(hold.id, spent, uncertain)
+            self._queue(hold.id, spent, uncertain)
 
-    def _retry_later(self, hold_id: str, spent: int, uncertain: int) -> None:
-        task = asyncio.create_task(self._settle_until_written(hold_id, spent, uncertain))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+    # resolutions the store has not taken yet -------------------------------------------
+    def _queue(self, hold_id: str, spent: int, uncertain: int) -> None:
+        if spent == 0 and len(self._unwritten) >= MAX_QUEUED_RELEASES:
+            # A long outage: a release not written leaves its hold (if it ever landed)
+            # to expire as uncertain spend, never a loss. Settles are never dropped.
+            return
+        self._unwritten[hold_id] = (spent, uncertain)
+        self._wake.set()
 
-    async def _settle_until_written(self, hold_id: str, spent: int, uncertain: int) -> None:
+    async def _write_unwritten(self) -> None:
+        """Write queued settles and releases, backing off while the store is away."""
         attempt = 0
         while True:
-            delay = SETTLE_RETRY_SECONDS[min(attempt, len(SETTLE_RETRY_SECONDS) - 1)]
-            await asyncio.sleep(delay)
-            attempt += 1
-            try:
-                await self.call("settle", lambda: self.store.settle(hold_id, spent, uncertain))
-                return
-            except ProxyError:
+            if not self._unwritten:
+                self._wake.clear()
+                await self._wake.wait()
+            if await self._flush():
+                attempt = 0
                 continue
+            # Back off, but come back at once when another store call succeeds.
+            self._store_back.clear()
+            delay = SETTLE_RETRY_SECONDS[min(attempt, len(SETTLE_RETRY_SECONDS) - 1)]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._store_back.wait(), delay)
+            attempt += 1
+
+    async def _flush(self) -> bool:
+        """Write what is queued, in order, until the store fails; True if all was."""
+        for hold_id, (spent, uncertain) in list(self._unwritten.items()):
+            try:
+                await self.call(
+                    "settle", functools.partial(self.store.settle, hold_id, spent, uncertain)
+                )
+            except ProxyError:
+                return False
+            self._unwritten.pop(hold_id, None)
+        return True
 
     # background ----------------------------------------------------------------------
     def start(self) -> None:
-        self._sweeper = asyncio.create_task(self._sweep_forever())
+        self._tasks = [
+            asyncio.create_task(self._sweep_forever()),
+            asyncio.create_task(self._write_unwritten()),
+        ]
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -187,19 +223,22 @@ class Ledger:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Give queued settles a last chance to land, then stop the background work."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-        if self._pending:
-            await asyncio.wait(self._pending, timeout=grace)
-        for task in list(self._pending):
+        for task in self._tasks:
             task.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self._flush()
+        if self._unwritten:
+            log.warning("%d hold resolutions not written; their holds expire", len(self._unwritten))
 
     @property
     def pending_settles(self) -> int:
-        return len(self._pending)
+        return len(self._unwritten)
 
 
 def _refusal_error(refusal: Refusal, retry_after: float | None) -> ProxyError:
+    if refusal is Refusal.CANCELLED:
+        return StoreUnavailable("The proxy's budget store answered late; try again.", retry_after=1)
     if refusal in (Refusal.UNKNOWN_KEY, Refusal.REVOKED):
         return Unauthorized("Incorrect API key provided.")
     if refusal.is_budget:

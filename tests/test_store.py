@@ -120,6 +120,30 @@ async def test_hold_settle_release_once(store: Store) -> None:
     assert month.spent == PRICE
 
 
+async def test_release_before_reserve_leaves_no_hold(store: Store) -> None:
+    # A reserve whose answer timed out may reach the store after the caller released it.
+    key = new_key(daily_micros=100_000, concurrency=1)
+    await store.add_key(key)
+    late = hold(key)
+    assert not await store.release(late.hold_id)
+    refused = await store.reserve(late)
+    assert refused.refusal is Refusal.CANCELLED
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.held, tally.spent, tally.requests) == (0, 0, 0)
+    assert await store.holds_outstanding() == 0
+    assert (await store.reserve(hold(key))).ok  # the concurrency slot is free
+
+
+async def test_same_hold_id_is_never_reserved_twice(store: Store) -> None:
+    key = new_key()
+    await store.add_key(key)
+    request = hold(key)
+    assert (await store.reserve(request)).ok
+    assert (await store.reserve(request)).refusal is Refusal.CANCELLED
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.held, tally.requests) == (PRICE, 1)
+
+
 async def test_budgets_refuse_at_every_level(store: Store) -> None:
     key = new_key(daily_micros=2 * PRICE)
     await store.add_key(key)

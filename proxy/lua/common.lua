@@ -12,6 +12,7 @@ local function usage_key(base, scope, name, period)
 end
 
 local USAGE_TTL = 400 * 86400
+local TOMBSTONE_MS = 2 * 86400000
 
 -- Move a hold's money from held to spent (uncertain marks the part that may or may
 -- not have been billed); the rest is refunded. Acts once per hold.

@@ -7,6 +7,8 @@ local amount, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local ttl = tonumber(ARGV[7])
 local now = now_ms()
 expire(base, now, 100)
+-- Released (tombstoned) before it arrived, or sent twice: never a second hold.
+if redis.call('EXISTS', base .. 'hold:' .. hold_id) == 1 then return { 'cancelled' } end
 
 local key = redis.call('HMGET', KEYS[1],
   'id', 'revoked', 'team', 'daily', 'monthly', 'rpm', 'concurrency')

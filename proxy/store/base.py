@@ -10,6 +10,10 @@ Every money step is one atomic operation on the store:
   have billed); ``release`` refunds it. Each acts once per hold id; later calls are no-ops.
 - A hold past its deadline (its replica died) becomes uncertain spend and frees its
   concurrency slot, so money never vanishes and a key is never blocked forever.
+- A ``settle`` or ``release`` of a hold id the store has not seen leaves a tombstone, and
+  a ``reserve`` of a tombstoned id refuses. A reserve whose answer timed out may still
+  reach the store later; the caller releases its id, and whichever lands first, no
+  phantom hold survives.
 
 Invariant, for every key and team and period: limit = available + held + spent.
 Amounts are integer micro-dollars.
@@ -102,6 +106,7 @@ class Refusal(enum.Enum):
     KEY_MONTHLY = "budget_key_monthly"
     TEAM_DAILY = "budget_team_daily"
     TEAM_MONTHLY = "budget_team_monthly"
+    CANCELLED = "cancelled"  # the hold id was released before its reserve arrived
 
     @property
     def is_budget(self) -> bool:

@@ -25,6 +25,8 @@ from .base import (
     Team,
 )
 
+TOMBSTONE_SECONDS = 2 * 86_400
+
 
 @dataclass
 class _Counter:
@@ -48,7 +50,8 @@ class MemoryStore(Store):
         self._teams: dict[str, Team] = {}
         self._ledger: defaultdict[tuple[str, str, str], _Counter] = defaultdict(_Counter)
         self._holds: dict[str, _Hold] = {}
-        self._done_holds: dict[str, float] = {}
+        # Tombstones of holds released before their reserve arrived: id -> forget-after.
+        self._cancelled: dict[str, float] = {}
         self._tat: dict[str, float] = {}
         self._idem: dict[str, tuple[float, str, IdemRecord]] = {}
 
@@ -91,6 +94,8 @@ class MemoryStore(Store):
     async def reserve(self, request: HoldRequest) -> Reservation:
         now = self._clock()
         self._expire(now)
+        if request.hold_id in self._cancelled or request.hold_id in self._holds:
+            return Reservation(Refusal.CANCELLED)
         key = self._keys.get(request.key_id)
         if key is None:
             return Reservation(Refusal.UNKNOWN_KEY)
@@ -151,6 +156,7 @@ class MemoryStore(Store):
     async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
         hold = self._holds.pop(hold_id, None)
         if hold is None:
+            self._cancelled.setdefault(hold_id, self._clock() + TOMBSTONE_SECONDS)
             return False
         spent = min(max(spent, 0), hold.request.amount)
         self._resolve(hold.request, spent, min(max(uncertain, 0), spent))
@@ -163,6 +169,8 @@ class MemoryStore(Store):
         return self._expire(self._clock())
 
     def _expire(self, now: float) -> int:
+        for hold_id in [h for h, until in self._cancelled.items() if until <= now]:
+            del self._cancelled[hold_id]
         expired = [hid for hid, h in self._holds.items() if h.deadline <= now]
         for hold_id in expired:
             hold = self._holds.pop(hold_id)
