@@ -19,15 +19,16 @@ forgets its claim, so the duplicate simply runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from starlette.types import Send
 
 from .config import Settings
-from .errors import Conflict, IdempotencyMismatch
+from .errors import Conflict, IdempotencyMismatch, StoreUnavailable
 from .ledger import Ledger
 from .metrics import Metrics
 from .results import Capture, ResultStore
@@ -42,6 +43,7 @@ class Claim:
     """This request owns an idempotency scope until it finishes."""
 
     scope: str
+    owner: str
     explicit: bool
     ttl_seconds: float
     capture: Capture
@@ -80,7 +82,8 @@ class Idempotency:
             if len(idem_key) > 255:
                 raise IdempotencyMismatch("Idempotency-Key is longer than 255 characters.")
             scope = _scope("ik", key.id, idem_key, group)
-            record = await self._begin(scope, fingerprint)
+            owner = secrets.token_hex(8)
+            record = await self._begin(scope, fingerprint, owner)
             if record.state is IdemState.MISMATCH:
                 raise IdempotencyMismatch(
                     "This Idempotency-Key was used with a different request body."
@@ -89,13 +92,14 @@ class Idempotency:
                 record = await self._wait(scope, fingerprint)
             if record.state is IdemState.DONE:
                 return self._replay_or_conflict(record, "idempotency_key")
-            return Claim(scope, True, self._explicit_ttl, Capture(self._result_limit))
+            return Claim(scope, owner, True, self._explicit_ttl, Capture(self._result_limit))
         if retry is None:
             return None
         scope = _scope("rj", key.id, fingerprint, group)
-        record = await self._begin(scope, fingerprint)
+        owner = secrets.token_hex(8)
+        record = await self._begin(scope, fingerprint, owner)
         if record.state is IdemState.NEW:
-            return Claim(scope, False, self._join_ttl, Capture(self._result_limit))
+            return Claim(scope, owner, False, self._join_ttl, Capture(self._result_limit))
         if retry.strip() in ("", "0"):
             return None  # an identical first attempt is a call of its own
         if record.state is IdemState.IN_FLIGHT:
@@ -106,10 +110,22 @@ class Idempotency:
             return self._replay_or_conflict(record, "sdk_retry")
         return None
 
-    async def _begin(self, scope: str, fingerprint: str) -> IdemRecord:
-        return await self._ledger.call(
-            "idempotency", lambda: self._store.idem_begin(scope, fingerprint, self._claim_ttl)
+    async def _begin(self, scope: str, fingerprint: str, owner: str) -> IdemRecord:
+        claim = functools.partial(
+            self._store.idem_begin, scope, fingerprint, self._claim_ttl, owner=owner
         )
+        try:
+            return await self._ledger.call("idempotency", claim)
+        except StoreUnavailable:
+            # The claim may still land after we stopped waiting: abandon it once the
+            # store answers, or a retry of this very call would wait on a ghost.
+            self._ledger.write_later(
+                f"idem:{scope}:{owner}", "idempotency", self._abandon_step(scope, owner)
+            )
+            raise
+
+    def _abandon_step(self, scope: str, owner: str) -> Callable[[], Awaitable[None]]:
+        return functools.partial(self._store.idem_abandon, scope, owner, self._claim_ttl)
 
     async def _wait(self, scope: str, fingerprint: str) -> IdemRecord:
         loop = asyncio.get_running_loop()
@@ -173,7 +189,7 @@ class Idempotency:
 
     async def abandon(self, claim: Claim) -> None:
         claim.capture.discard()
-        await self._ledger.call("idempotency", lambda: self._store.idem_abandon(claim.scope))
+        await self._ledger.call("idempotency", self._abandon_step(claim.scope, claim.owner))
 
 
 def _scope(kind: str, key_id: str, value: str, group: str) -> str:

@@ -86,8 +86,9 @@ class Ledger:
             + settings.upstream.connect_timeout
             + (settings.ledger.hold_grace_seconds)
         )
-        # hold id -> (spent, uncertain): resolutions decided but not yet written.
-        self._unwritten: dict[str, tuple[int, int]] = {}
+        # Steps decided but not yet written (settles, releases, abandoned claims) by
+        # what they act on, with the store operation they count as.
+        self._unwritten: dict[str, tuple[str, Callable[[], Awaitable[object]]]] = {}
         self._wake = asyncio.Event()
         self._store_back = asyncio.Event()
         self._fallback = MemoryStore() if settings.store.on_error == "open" else None
@@ -134,7 +135,9 @@ class Ledger:
         except StoreUnavailable:
             # The reserve may still reach the store after we stopped waiting for it:
             # release its id until that is written, so no phantom hold is left behind.
-            self._queue(request.hold_id, 0, 0)
+            self.write_later(
+                request.hold_id, "settle", functools.partial(store.release, request.hold_id)
+            )
             if self._fallback is None:
                 raise
             # store.on_error: open — limits of this process only, budgets counted locally.
@@ -166,19 +169,31 @@ class Ledger:
             await self.call("settle", lambda: self.store.settle(hold.id, spent, uncertain))
         except ProxyError:
             # The answer is already decided; the ledger must still learn it.
-            self._queue(hold.id, spent, uncertain)
+            step = functools.partial(self.store.settle, hold.id, spent, uncertain)
+            self.write_later(hold.id, "settle", step, droppable=False)
 
     # resolutions the store has not taken yet -------------------------------------------
-    def _queue(self, hold_id: str, spent: int, uncertain: int) -> None:
-        if spent == 0 and len(self._unwritten) >= MAX_QUEUED_RELEASES:
-            # A long outage: a release not written leaves its hold (if it ever landed)
-            # to expire as uncertain spend, never a loss. Settles are never dropped.
+    def write_later(
+        self,
+        ref: str,
+        operation: str,
+        step: Callable[[], Awaitable[object]],
+        *,
+        droppable: bool = True,
+    ) -> None:
+        """Write ``step`` once the store answers again (it must be idempotent).
+
+        A droppable step only undoes something that may have landed (a release of a
+        reserve that timed out); past the cap, in a long outage, it is dropped and its
+        hold expires as uncertain spend, never a loss. Settles are never dropped.
+        """
+        if droppable and len(self._unwritten) >= MAX_QUEUED_RELEASES:
             return
-        self._unwritten[hold_id] = (spent, uncertain)
+        self._unwritten[ref] = (operation, step)
         self._wake.set()
 
     async def _write_unwritten(self) -> None:
-        """Write queued settles and releases, backing off while the store is away."""
+        """Write queued steps, backing off while the store is away."""
         attempt = 0
         while True:
             if not self._unwritten:
@@ -196,14 +211,12 @@ class Ledger:
 
     async def _flush(self) -> bool:
         """Write what is queued, in order, until the store fails; True if all was."""
-        for hold_id, (spent, uncertain) in list(self._unwritten.items()):
+        for ref, (operation, step) in list(self._unwritten.items()):
             try:
-                await self.call(
-                    "settle", functools.partial(self.store.settle, hold_id, spent, uncertain)
-                )
+                await self.call(operation, step)
             except ProxyError:
                 return False
-            self._unwritten.pop(hold_id, None)
+            self._unwritten.pop(ref, None)
         return True
 
     # background ----------------------------------------------------------------------
@@ -229,7 +242,7 @@ class Ledger:
             async with asyncio.timeout(grace):
                 await self._flush()
         if self._unwritten:
-            log.warning("%d hold resolutions not written; their holds expire", len(self._unwritten))
+            log.warning("%d store steps not written; their holds expire", len(self._unwritten))
 
     @property
     def pending_settles(self) -> int:

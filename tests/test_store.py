@@ -249,8 +249,23 @@ async def test_idempotency_records(store: Store) -> None:
     done = IdemRecord(IdemState.DONE, 200, "res1", (("x-proxy-adjusted", "n=1"),))
     await store.idem_finish(scope, done, 10)
     assert await store.idem_begin(scope, "fp1", 10) == done
-    await store.idem_abandon(scope)
+    await store.idem_abandon(scope, "", 10)
     assert (await store.idem_begin(scope, "fp1", 10)).state is IdemState.NEW
+
+
+async def test_abandon_that_arrives_before_its_claim_leaves_no_ghost(store: Store) -> None:
+    # A claim whose answer timed out is abandoned; the abandon may land first.
+    scope = "ghost@k:key_2"
+    await store.idem_abandon(scope, "owner-a", 10)
+    assert (await store.idem_begin(scope, "fp", 10, owner="owner-a")).state is IdemState.NEW
+    # The late claim took nothing: the next caller owns the scope at once.
+    assert (await store.idem_begin(scope, "fp", 10, owner="owner-b")).state is IdemState.NEW
+    assert (await store.idem_begin(scope, "fp", 10, owner="c")).state is IdemState.IN_FLIGHT
+    # Only the owner's abandon frees a claim; another owner's leaves it in place.
+    await store.idem_abandon(scope, "owner-a", 10)
+    assert (await store.idem_begin(scope, "fp", 10, owner="c")).state is IdemState.IN_FLIGHT
+    await store.idem_abandon(scope, "owner-b", 10)
+    assert (await store.idem_begin(scope, "fp", 10, owner="c")).state is IdemState.NEW
 
 
 async def test_concurrent_reserves_never_overdraw(store: Store) -> None:

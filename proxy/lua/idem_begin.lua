@@ -1,9 +1,10 @@
 -- idem_begin: claim an idempotency scope or report who holds it.
--- KEYS[1]: the record. ARGV: fingerprint, ttl_ms, join_only ("1"/"0")
+-- KEYS[1]: the record; KEYS[2]: the owner's "gone" mark (its abandon came first).
+-- ARGV: fingerprint, ttl_ms, join_only ("1"/"0"), owner
 local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'status', 'result', 'headers')
 if not r[1] then
-  if ARGV[3] ~= '1' then
-    redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'state', 'in_flight')
+  if ARGV[3] ~= '1' and redis.call('DEL', KEYS[2]) == 0 then
+    redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'state', 'in_flight', 'owner', ARGV[4])
     redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
   end
   return { 'new' }

@@ -254,19 +254,27 @@ class Store(abc.ABC):
     # idempotency -------------------------------------------------------------
     @abc.abstractmethod
     async def idem_begin(
-        self, scope: str, fingerprint: str, ttl_seconds: float, *, join_only: bool = False
+        self,
+        scope: str,
+        fingerprint: str,
+        ttl_seconds: float,
+        *,
+        owner: str = "",
+        join_only: bool = False,
     ) -> IdemRecord:
-        """Claim ``scope`` for a call with this body fingerprint, or report who has it.
-
-        With ``join_only`` nothing is claimed: an absent record answers NEW.
+        """Claim ``scope`` for ``owner``'s call with this body fingerprint, or report who
+        has it. With ``join_only`` nothing is claimed: an absent record answers NEW.
+        An owner that abandoned before its claim arrived claims nothing.
         """
 
     @abc.abstractmethod
     async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None: ...
 
     @abc.abstractmethod
-    async def idem_abandon(self, scope: str) -> None:
-        """Forget an in-flight claim whose call was never billed."""
+    async def idem_abandon(self, scope: str, owner: str, ttl_seconds: float) -> None:
+        """Forget ``owner``'s in-flight claim, whose call was never billed. If the claim
+        has not arrived (it timed out on the way), mark the owner gone for ``ttl_seconds``
+        so that it claims nothing when it does."""
 
     # life --------------------------------------------------------------------
     async def open(self) -> None:  # noqa: B027 - optional warm-up

@@ -37,6 +37,17 @@ class _Counter:
 
 
 @dataclass
+class _Idem:
+    until: float
+    fingerprint: str
+    owner: str
+    record: IdemRecord
+
+
+IN_FLIGHT = IdemRecord(IdemState.IN_FLIGHT)
+
+
+@dataclass
 class _Hold:
     request: HoldRequest
     deadline: float
@@ -53,7 +64,8 @@ class MemoryStore(Store):
         # Tombstones of holds released before their reserve arrived: id -> forget-after.
         self._cancelled: dict[str, float] = {}
         self._tat: dict[str, float] = {}
-        self._idem: dict[str, tuple[float, str, IdemRecord]] = {}
+        self._idem: dict[str, _Idem] = {}
+        self._idem_gone: dict[tuple[str, str], float] = {}
 
     # keys --------------------------------------------------------------------
     async def add_key(self, record: KeyRecord) -> None:
@@ -205,32 +217,42 @@ class MemoryStore(Store):
 
     # idempotency -------------------------------------------------------------
     async def idem_begin(
-        self, scope: str, fingerprint: str, ttl_seconds: float, *, join_only: bool = False
+        self,
+        scope: str,
+        fingerprint: str,
+        ttl_seconds: float,
+        *,
+        owner: str = "",
+        join_only: bool = False,
     ) -> IdemRecord:
         now = self._clock()
         entry = self._idem.get(scope)
-        if entry is not None and entry[0] <= now:
+        if entry is not None and entry.until <= now:
             del self._idem[scope]
             entry = None
         if entry is None:
-            if not join_only:
-                self._idem[scope] = (
-                    now + ttl_seconds,
-                    fingerprint,
-                    IdemRecord(IdemState.IN_FLIGHT),
-                )
+            gone = self._idem_gone.pop((scope, owner), None)
+            if not join_only and (gone is None or gone <= now):
+                self._idem[scope] = _Idem(now + ttl_seconds, fingerprint, owner, IN_FLIGHT)
             return IdemRecord(IdemState.NEW)
-        if entry[1] != fingerprint:
+        if entry.fingerprint != fingerprint:
             return IdemRecord(IdemState.MISMATCH)
-        return entry[2]
+        return entry.record
 
     async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None:
         entry = self._idem.get(scope)
-        fingerprint = entry[1] if entry else ""
-        self._idem[scope] = (self._clock() + ttl_seconds, fingerprint, record)
+        fingerprint, owner = (entry.fingerprint, entry.owner) if entry else ("", "")
+        self._idem[scope] = _Idem(self._clock() + ttl_seconds, fingerprint, owner, record)
 
-    async def idem_abandon(self, scope: str) -> None:
-        self._idem.pop(scope, None)
+    async def idem_abandon(self, scope: str, owner: str, ttl_seconds: float) -> None:
+        entry = self._idem.get(scope)
+        if entry is not None and entry.owner == owner:
+            del self._idem[scope]
+            return
+        now = self._clock()
+        for key in [k for k, until in self._idem_gone.items() if until <= now]:
+            del self._idem_gone[key]
+        self._idem_gone[(scope, owner)] = now + ttl_seconds
 
     async def ping(self) -> None:
         return None

@@ -11,7 +11,8 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:{g}:holds                 zset   open holds by deadline (expiry sweep)
     apiyi:{g}:active:<key id>       zset   a key's open holds (concurrency)
     apiyi:{g}:tat:<key id>          string GCRA theoretical arrival time (ms)
-    apiyi:{g}:idem:<scope>          hash   idempotency record
+    apiyi:{g}:idem:<scope>          hash   idempotency record (fingerprint, state, owner)
+    apiyi:{g}:idem:<scope>:gone:<o> string owner o abandoned before its claim arrived
     apiyi:keyhash:<hmac>            string "<g>|<id>": lookup by presented key
     apiyi:keygroups                 hash   key id -> group
     apiyi:groups, apiyi:teams       sets   for listing and the expiry sweep
@@ -124,6 +125,7 @@ class RedisStore(Store):
         self._settle = client.register_script(load_script("settle"))
         self._expire = client.register_script(load_script("expire"))
         self._idem_begin = client.register_script(load_script("idem_begin"))
+        self._idem_abandon = client.register_script(load_script("idem_abandon"))
         self._groups: dict[str, str] = {}
 
     @classmethod
@@ -300,11 +302,18 @@ class RedisStore(Store):
 
     @_translated
     async def idem_begin(
-        self, scope: str, fingerprint: str, ttl_seconds: float, *, join_only: bool = False
+        self,
+        scope: str,
+        fingerprint: str,
+        ttl_seconds: float,
+        *,
+        owner: str = "",
+        join_only: bool = False,
     ) -> IdemRecord:
+        key = self._idem_key(scope)
         answer = await self._idem_begin(
-            keys=[self._idem_key(scope)],
-            args=[fingerprint, int(ttl_seconds * 1000), "1" if join_only else "0"],
+            keys=[key, f"{key}:gone:{owner}"],
+            args=[fingerprint, int(ttl_seconds * 1000), "1" if join_only else "0", owner],
         )
         state = IdemState(answer[0])
         if state in (IdemState.NEW, IdemState.MISMATCH, IdemState.IN_FLIGHT):
@@ -327,13 +336,17 @@ class RedisStore(Store):
         await self.r.pexpire(key, int(ttl_seconds * 1000))
 
     @_translated
-    async def idem_abandon(self, scope: str) -> None:
-        await self.r.delete(self._idem_key(scope))
+    async def idem_abandon(self, scope: str, owner: str, ttl_seconds: float) -> None:
+        key = self._idem_key(scope)
+        await self._idem_abandon(
+            keys=[key, f"{key}:gone:{owner}"], args=[owner, max(1, int(ttl_seconds * 1000))]
+        )
 
     # life --------------------------------------------------------------------
     @_translated
     async def open(self) -> None:
-        for script in (self._reserve, self._settle, self._expire, self._idem_begin):
+        scripts = (self._reserve, self._settle, self._expire, self._idem_begin, self._idem_abandon)
+        for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
             await self.r.script_load(script.script)
 
