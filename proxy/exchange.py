@@ -46,6 +46,8 @@ class Exchange:
     cost_micros: int = 0
     uncertain_micros: int = 0
     hold: str | None = None
+    held_micros: int = 0
+    hold_outcome: str | None = None  # settled, released or uncertain
     replay: str | None = None
 
     def access_record(self, total: float) -> dict[str, Any]:
@@ -73,6 +75,8 @@ class Exchange:
             "cost_usd": self.cost_micros / 1e6 if self.cost_micros else None,
             "uncertain_usd": self.uncertain_micros / 1e6 if self.uncertain_micros else None,
             "hold": self.hold,
+            "held_usd": self.held_micros / 1e6 if self.held_micros else None,
+            "hold_outcome": self.hold_outcome,
             "replay": self.replay,
         }
         record.update({k: v for k, v in optional.items() if v is not None})

@@ -77,11 +77,13 @@ class ImagesEndpoint:
         self._forwarder = Forwarder(
             services.settings, services.upstream, services.metrics, f"/images/{kind}"
         )
+        self._in_flight = services.metrics.in_flight.labels(self.route)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = exchange_of(scope)
         ex.route = self.route
         form: edits.EditForm | None = None
+        self._in_flight.inc()
         try:
             admitted = await self._admit(scope, receive, ex)
             if isinstance(admitted.upstream_body, edits.EditForm):
@@ -94,6 +96,7 @@ class ImagesEndpoint:
         except ClientGone:
             ex.error_code = "client_gone"
         finally:
+            self._in_flight.dec()
             form = form or scope["state"].pop("edit_form", None)
             if form is not None:
                 await form.close()
@@ -148,7 +151,7 @@ class ImagesEndpoint:
         hold = await self.s.ledger.hold(
             admitted.caller.key, decision.model, price * decision.images
         )
-        ex.hold = hold.id
+        ex.hold, ex.held_micros = hold.id, hold.amount
         call = Call(
             ex,
             admitted.caller,
@@ -169,6 +172,7 @@ class ImagesEndpoint:
                 # billed, so keep the money and say we do not know.
                 ex.uncertain_micros = hold.amount
                 await hold.settle(hold.amount, hold.amount)
+            ex.hold_outcome = hold.outcome
             if claim is not None:
                 await self._close_claim(claim, ex, hold.outcome)
 

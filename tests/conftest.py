@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,35 @@ from proxy.metrics import Metrics
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_KEY = "upstream-secret-key-for-tests-0123456789"
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+
+
+# secrets in output -------------------------------------------------------------------
+# Every test's captured output and log, and every proxy child process's output, is
+# searched for the upstream key, the admin token and anything shaped like a client
+# key; one find fails the whole run. (test_logs.py checks the same per request path.)
+CLIENT_KEY = re.compile(r"sk-[A-Za-z0-9_-]{43}")
+# The one place a key is meant to be shown: serve's first key on a memory store.
+FIRST_KEY_BANNER = "export OPENAI_API_KEY="
+_leaks: list[str] = []
+
+
+def search_for_secrets(text: str, where: str) -> None:
+    for number, line in enumerate(text.splitlines(), 1):
+        if FIRST_KEY_BANNER in line:
+            continue
+        if UPSTREAM_KEY in line or ADMIN_TOKEN in line or CLIENT_KEY.search(line):
+            _leaks.append(f"{where}, line {number}")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    for section, text in report.sections:
+        search_for_secrets(text, f"{report.nodeid} ({section})")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _leaks:
+        print("\nsecrets found in output (the lines are not repeated here):", *_leaks, sep="\n  ")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:
@@ -79,7 +109,8 @@ def fake() -> Iterator[tuple[FakeUpstream, ThreadServer]]:
 
 
 def billing(server: ThreadServer) -> dict[str, Any]:
-    return httpx.get(server.url + "/_fake/billing").json()
+    log: dict[str, Any] = httpx.get(server.url + "/_fake/billing").json()
+    return log
 
 
 def settings_for(upstream_url: str, **sections: dict[str, Any]) -> config.Settings:
@@ -187,6 +218,7 @@ class ProxyProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
+        search_for_secrets(self.output(), f"proxy process on port {self.port}")
 
 
 @pytest.fixture

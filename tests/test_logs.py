@@ -1,0 +1,146 @@
+"""Logs: one structured access line per request, and never a secret in any output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from proxy.fake_upstream import FakeUpstream, create_fake_app
+
+from .conftest import ADMIN_TOKEN, ROOT, UPSTREAM_KEY, ProxyProcess, RedisServer, ThreadServer
+
+PEPPER = "pepper-for-the-log-test-0123456789"
+ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def upstream() -> Iterator[ThreadServer]:
+    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
+        yield server
+
+
+def env_for(upstream: ThreadServer, **extra: str) -> dict[str, str]:
+    return {
+        "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
+        "APIYI_API_KEY": UPSTREAM_KEY,
+        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "APIYI_PROXY_KEY_PEPPER": PEPPER,
+        "APIYI_PROXY_LOG__LEVEL": "debug",
+        "APIYI_PROXY_LOG__FORMAT": "json",
+        "APIYI_PROXY_UPSTREAM__READ_TIMEOUT": "1",
+        **extra,
+    }
+
+
+def access_lines(proxy: ProxyProcess) -> dict[str, dict[str, Any]]:
+    """Access records by request id (the log lines are JSON objects)."""
+    records = {}
+    for line in proxy.output().splitlines():
+        if not line.startswith("{"):
+            continue  # the one-time banner of a memory store's first key
+        entry = orjson.loads(line)
+        if entry["logger"] == "apiyi_proxy.access":
+            records[entry["request_id"]] = entry
+    return records
+
+
+def post(proxy: ProxyProcess, key: str, **body: Any) -> httpx.Response:
+    return httpx.post(
+        proxy.url + "/v1/images/generations",
+        json={"prompt": "a lighthouse", **body},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+
+def test_one_structured_access_line_per_request(
+    upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    proxy = proxy_process(env_for(upstream))
+    created = httpx.post(
+        proxy.url + "/admin/keys", json={"name": "design-bot", "team": "design"}, headers=ADMIN
+    ).json()
+    ok = post(proxy, created["key"], size="2048 × 1152", quality="high", response_format="url")
+    refused = post(proxy, created["key"], n=3)
+    failed = post(proxy, created["key"], prompt="[fake:500] x")
+    assert (ok.status_code, refused.status_code, failed.status_code) == (200, 400, 502)
+
+    lines = access_lines(proxy)
+    line = lines[ok.headers["x-request-id"]]
+    assert line["route"] == "/v1/images/generations"
+    assert (line["key_id"], line["key_name"], line["team"]) == (
+        created["id"],
+        "design-bot",
+        "design",
+    )
+    assert (line["model"], line["size"], line["status"]) == ("gpt-image-2-vip", "2048x1152", 200)
+    assert line["adjusted"] == ok.headers["x-proxy-adjusted"]
+    assert line["upstream_status"] == 200
+    assert line["cost_usd"] == line["held_usd"] == 0.03
+    assert line["hold_outcome"] == "settled"
+    assert 0 < line["upstream_ms"] <= line["total_ms"]
+
+    line = lines[refused.headers["x-request-id"]]
+    assert (line["status"], line["error_code"]) == (400, "n_not_supported")
+    assert "hold" not in line and "upstream_status" not in line
+
+    line = lines[failed.headers["x-request-id"]]
+    assert (line["status"], line["upstream_status"]) == (502, 500)
+    assert line["hold_outcome"] == "released" and "cost_usd" not in line
+
+
+def test_no_secret_in_any_output(
+    upstream: ThreadServer,
+    proxy_process: Callable[..., ProxyProcess],
+    redis_server: RedisServer,
+) -> None:
+    """Every path that fails or logs, at debug level: the secrets never show."""
+    keys_mode = proxy_process(env_for(upstream, APIYI_PROXY_STORE_URL=redis_server.url))
+    passthrough = proxy_process(env_for(upstream, APIYI_PROXY_AUTH_MODE="passthrough"))
+    secrets = [UPSTREAM_KEY, ADMIN_TOKEN, PEPPER]
+
+    created = httpx.post(proxy_url(keys_mode) + "/admin/keys", json={"name": "a"}, headers=ADMIN)
+    key = created.json()["key"]
+    wrong = "sk-" + "W" * 43
+    secrets += [key, wrong]
+    for prompt in ("x", "[fake:500] x", "[fake:timeout] x", "[fake:reset] x", "[fake:quota] x"):
+        post(keys_mode, key, prompt=prompt, response_format="url")
+    post(keys_mode, key, size="999x999")
+    post(keys_mode, wrong)
+    httpx.post(keys_mode.url + "/admin/keys", json={"name": "b"}, headers={"authorization": wrong})
+    httpx.post(
+        keys_mode.url + "/v1/images/generations",
+        content=b"{not json" + key.encode(),
+        headers={"authorization": f"Bearer {key}"},
+    )
+    # In passthrough mode the client's key is the upstream key: right and wrong.
+    post(passthrough, UPSTREAM_KEY, response_format="url")
+    post(passthrough, wrong)
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "proxy", "keys", "list"],
+        env={"APIYI_PROXY_STORE_URL": redis_server.url, "APIYI_PROXY_KEY_PEPPER": PEPPER,
+             "APIYI_API_KEY": UPSTREAM_KEY, "PATH": "/usr/bin:/bin"},
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert created.json()["id"] in cli.stdout
+    checked = cli.stdout + cli.stderr
+    for proxy in (keys_mode, passthrough):
+        output = proxy.output()
+        assert len(access_lines(proxy)) >= 2  # the log was really written
+        checked += output
+    assert "[fake:timeout]" not in checked  # prompts are not logged either
+    for secret in secrets:
+        assert secret not in checked
+        assert secret[-12:] not in checked
+
+
+def proxy_url(proxy: ProxyProcess) -> str:
+    return proxy.url
