@@ -304,6 +304,53 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+class RedisSentinel:
+    """A private master watched by one sentinel (``redis-server --sentinel``)."""
+
+    def __init__(self, service: str = "apiyi") -> None:
+        self.master = RedisServer()
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="sentinel-test-")
+        conf = Path(self.dir) / "sentinel.conf"
+        conf.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+            f"sentinel monitor {service} 127.0.0.1 {self.master.port} 1\n"
+        )
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.process = subprocess.Popen(
+            [binary, str(conf), "--sentinel"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.url = f"redis+sentinel://127.0.0.1:{self.port}/{service}"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            answer = subprocess.run(
+                ["redis-cli", "-p", str(self.port), "sentinel", "get-master-addr-by-name", service],
+                capture_output=True, text=True, timeout=5,
+            ).stdout  # fmt: skip
+            if str(self.master.port) in answer:
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("redis sentinel did not start")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.master.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    sentinel = RedisSentinel()
+    yield sentinel
+    sentinel.stop()
+
+
 def replace_settings(settings: config.Settings, **sections: Any) -> config.Settings:
     return replace(settings, **sections)
 

@@ -46,14 +46,16 @@ def redis_for_store() -> Iterator[RedisServer]:
 _counter = iter(range(1_000_000))
 
 
-@pytest.fixture(params=["memory", "redis", "redis-cluster"])
+SERVERS = {"redis": "redis_for_store", "redis-cluster": "redis_cluster",
+           "redis-sentinel": "redis_sentinel"}  # fmt: skip
+
+
+@pytest.fixture(params=["memory", *SERVERS])
 async def store(request: pytest.FixtureRequest) -> AsyncIterator[Store]:
     if request.param == "memory":
         backend: Store = MemoryStore()
     else:
-        server = request.getfixturevalue(
-            "redis_for_store" if request.param == "redis" else "redis_cluster"
-        )
+        server = request.getfixturevalue(SERVERS[request.param])
         settings = StoreSettings(url=server.url, key_prefix=f"t{next(_counter)}")
         backend = RedisStore.from_settings(settings)
     yield backend

@@ -356,6 +356,10 @@ class RedisStore(Store):
 
     async def close(self) -> None:
         await self.r.aclose()
+        # A sentinel-managed client does not close its connections to the sentinels.
+        manager = getattr(getattr(self.r, "connection_pool", None), "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", ()):
+            await sentinel.aclose()
 
 
 def _key_fields(record: KeyRecord) -> dict[str, Any]:
