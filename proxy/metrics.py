@@ -11,7 +11,7 @@ directory before the workers start; ``/metrics`` then aggregates every worker's 
 from __future__ import annotations
 
 import os
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,6 +41,28 @@ def status_class(status: int) -> str:
     return f"{status // 100}xx"
 
 
+M = TypeVar("M", Counter, Gauge, Histogram)
+
+
+class Labelled(Generic[M]):
+    """A labelled metric whose children are looked up once per label set.
+
+    ``labels()`` of the client library validates and locks on every call; on the
+    request path the same few label sets recur, so each child is kept once found.
+    Label values are bounded by design (see the module docstring).
+    """
+
+    def __init__(self, metric: M) -> None:
+        self.metric: M = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def labels(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
+
+
 class Metrics:
     """Every metric the proxy exports, created once per app."""
 
@@ -48,57 +70,84 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         p = PREFIX
-        self.requests = Counter(
-            f"{p}_requests", "Requests answered.", ["route", "model", "status_class"], registry=r
+        self.requests = Labelled(
+            Counter(
+                f"{p}_requests",
+                "Requests answered.",
+                ["route", "model", "status_class"],
+                registry=r,
+            )
         )
-        self.request_seconds = Histogram(
-            f"{p}_request_duration_seconds",
-            "Time from request start to the last response byte.",
-            ["route", "model", "status_class"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.request_seconds = Labelled(
+            Histogram(
+                f"{p}_request_duration_seconds",
+                "Time from request start to the last response byte.",
+                ["route", "model", "status_class"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
-        self.upstream_seconds = Histogram(
-            f"{p}_upstream_duration_seconds",
-            "Time from sending the upstream request to its last byte.",
-            ["model", "outcome"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.upstream_seconds = Labelled(
+            Histogram(
+                f"{p}_upstream_duration_seconds",
+                "Time from sending the upstream request to its last byte.",
+                ["model", "outcome"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
-        self.overhead_seconds = Histogram(
-            f"{p}_overhead_seconds",
-            "Time the proxy itself adds: total minus upstream.",
-            ["route"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+        self.overhead_seconds = Labelled(
+            Histogram(
+                f"{p}_overhead_seconds",
+                "Time the proxy itself adds: total minus upstream.",
+                ["route"],
+                buckets=OVERHEAD_BUCKETS,
+                registry=r,
+            )
         )
-        self.images_billed = Counter(
-            f"{p}_images_billed", "Images the upstream bills for.", ["model", "team"], registry=r
+        self.images_billed = Labelled(
+            Counter(
+                f"{p}_images_billed",
+                "Images the upstream bills for.",
+                ["model", "team"],
+                registry=r,
+            )
         )
-        self.images_returned = Counter(
-            f"{p}_images_returned",
-            "Images returned to clients.",
-            ["model", "team"],
-            registry=r,
+        self.images_returned = Labelled(
+            Counter(
+                f"{p}_images_returned",
+                "Images returned to clients.",
+                ["model", "team"],
+                registry=r,
+            )
         )
-        self.spend_usd = Counter(
-            f"{p}_spend_usd", "Money spent upstream, in USD.", ["model", "team"], registry=r
+        self.spend_usd = Labelled(
+            Counter(
+                f"{p}_spend_usd", "Money spent upstream, in USD.", ["model", "team"], registry=r
+            )
         )
-        self.uncertain_usd = Counter(
-            f"{p}_uncertain_spend_usd",
-            "Spend kept because the upstream may have billed (timeouts, resets, expired holds).",
-            ["model", "team"],
-            registry=r,
+        self.uncertain_usd = Labelled(
+            Counter(
+                f"{p}_uncertain_spend_usd",
+                "Spend kept because the upstream may have billed "
+                "(timeouts, resets, expired holds).",
+                ["model", "team"],
+                registry=r,
+            )
         )
-        self.rejections = Counter(
-            f"{p}_rejections", "Requests the proxy refused, by reason.", ["reason"], registry=r
+        self.rejections = Labelled(
+            Counter(
+                f"{p}_rejections", "Requests the proxy refused, by reason.", ["reason"], registry=r
+            )
         )
-        self.in_flight = Gauge(
-            f"{p}_in_flight_requests",
-            "Requests being served.",
-            ["route"],
-            registry=r,
-            multiprocess_mode="livesum",
+        self.in_flight = Labelled(
+            Gauge(
+                f"{p}_in_flight_requests",
+                "Requests being served.",
+                ["route"],
+                registry=r,
+                multiprocess_mode="livesum",
+            )
         )
         self.holds_outstanding = Gauge(
             f"{p}_holds_outstanding",
@@ -106,34 +155,42 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
-        self.holds_resolved = Counter(
-            f"{p}_holds_resolved",
-            "Holds resolved, by outcome (settled, released, uncertain, expired).",
-            ["outcome"],
-            registry=r,
+        self.holds_resolved = Labelled(
+            Counter(
+                f"{p}_holds_resolved",
+                "Holds resolved, by outcome (settled, released, uncertain, expired).",
+                ["outcome"],
+                registry=r,
+            )
         )
-        self.budget_remaining_usd = Gauge(
-            f"{p}_budget_remaining_usd",
-            "Budget left for a team in the current period, as last seen by this process.",
-            ["team", "period"],
-            registry=r,
-            multiprocess_mode="mostrecent",
+        self.budget_remaining_usd = Labelled(
+            Gauge(
+                f"{p}_budget_remaining_usd",
+                "Budget left for a team in the current period, as last seen by this process.",
+                ["team", "period"],
+                registry=r,
+                multiprocess_mode="mostrecent",
+            )
         )
-        self.store_errors = Counter(
-            f"{p}_store_errors", "Store calls that failed.", ["operation"], registry=r
+        self.store_errors = Labelled(
+            Counter(f"{p}_store_errors", "Store calls that failed.", ["operation"], registry=r)
         )
-        self.store_seconds = Histogram(
-            f"{p}_store_duration_seconds",
-            "Store call latency.",
-            ["operation"],
-            buckets=STORE_BUCKETS,
-            registry=r,
+        self.store_seconds = Labelled(
+            Histogram(
+                f"{p}_store_duration_seconds",
+                "Store call latency.",
+                ["operation"],
+                buckets=STORE_BUCKETS,
+                registry=r,
+            )
         )
-        self.idempotent_replays = Counter(
-            f"{p}_idempotent_replays",
-            "Calls answered from an earlier identical call instead of paying again.",
-            ["kind"],
-            registry=r,
+        self.idempotent_replays = Labelled(
+            Counter(
+                f"{p}_idempotent_replays",
+                "Calls answered from an earlier identical call instead of paying again.",
+                ["kind"],
+                registry=r,
+            )
         )
 
     def exposition(self) -> tuple[bytes, str]:
