@@ -8,8 +8,9 @@ replay bodies in the results store):
   the same K with a different body is a 422.
 - An SDK retry (``x-stainless-retry-count >= 1``) of the same key and body joins the
   in-flight or just-finished first attempt instead of paying again. First attempts
-  (``x-stainless-retry-count: 0``) claim their fingerprint so a retry can find them;
-  two identical first attempts are two calls and do not join each other.
+  (``x-stainless-retry-count: 0``) claim their fingerprint so a retry can find them,
+  in the same store step as their hold (no extra round trip); two identical first
+  attempts are two calls and do not join each other.
 
 Only a certain outcome is recorded: a success (replayable), or an uncertain one (a
 duplicate gets 409 rather than paying again). A call that surely was not billed
@@ -32,7 +33,7 @@ from .errors import Conflict, IdempotencyMismatch, StoreUnavailable
 from .ledger import Ledger
 from .metrics import Metrics
 from .results import Capture, ResultStore
-from .store import IdemRecord, IdemState, KeyRecord, group_of
+from .store import ClaimRequest, IdemRecord, IdemState, KeyRecord, group_of
 
 POLL_SECONDS = (0.05, 0.1, 0.2, 0.25, 0.5)
 UNCERTAIN_STATUS = 504
@@ -40,13 +41,23 @@ UNCERTAIN_STATUS = 504
 
 @dataclass
 class Claim:
-    """This request owns an idempotency scope until it finishes."""
+    """This request owns an idempotency scope until it finishes.
+
+    An SDK first attempt's claim is not stored by ``begin``: it rides on the hold's
+    reserve step (``request()``), which takes it only if the scope is free.
+    """
 
     scope: str
     owner: str
     explicit: bool
     ttl_seconds: float
     capture: Capture
+    fingerprint: str = ""
+    claim_ttl_seconds: float = 0.0
+    stored: bool = True
+
+    def request(self) -> ClaimRequest:
+        return ClaimRequest(self.scope, self.fingerprint, self.claim_ttl_seconds, self.owner)
 
 
 @dataclass(frozen=True)
@@ -97,11 +108,15 @@ class Idempotency:
             return None
         scope = _scope("rj", key.id, fingerprint, group)
         owner = secrets.token_hex(8)
+        capture = Capture(self._result_limit)
+        if retry.strip() in ("", "0"):
+            # A first attempt: claimed with its hold, so that a retry can join it.
+            return Claim(
+                scope, owner, False, self._join_ttl, capture, fingerprint, self._claim_ttl, False
+            )
         record = await self._begin(scope, fingerprint, owner)
         if record.state is IdemState.NEW:
-            return Claim(scope, owner, False, self._join_ttl, Capture(self._result_limit))
-        if retry.strip() in ("", "0"):
-            return None  # an identical first attempt is a call of its own
+            return Claim(scope, owner, False, self._join_ttl, capture)
         if record.state is IdemState.IN_FLIGHT:
             record = await self._wait(scope, fingerprint)
         if record.state is IdemState.DONE and record.result_id:

@@ -139,7 +139,7 @@ class ImagesEndpoint:
         try:
             await self._charge_and_forward(ex, admitted, send, claim)
         except BaseException:
-            if claim is not None and ex.hold is None:
+            if claim is not None and claim.stored and ex.hold is None:
                 await idempotency.abandon(claim)  # refused before any money moved
             raise
 
@@ -148,10 +148,20 @@ class ImagesEndpoint:
     ) -> None:
         decision = admitted.decision
         price = self._prices[decision.model]
+        pending = claim if claim is not None and not claim.stored else None
         hold = await self.s.ledger.hold(
-            admitted.caller.key, decision.model, price * decision.images
+            admitted.caller.key,
+            decision.model,
+            price * decision.images,
+            claim=pending.request() if pending else None,
         )
         ex.hold, ex.held_micros = hold.id, hold.amount
+        if pending is not None:
+            if hold.claimed:
+                pending.stored = True
+            else:  # an identical first attempt has the scope: this is a call of its own
+                pending.capture.discard()
+                claim = None
         call = Call(
             ex,
             admitted.caller,

@@ -26,6 +26,7 @@ from .config import Settings
 from .errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable, Unauthorized
 from .metrics import Metrics
 from .store import (
+    ClaimRequest,
     HoldRequest,
     KeyRecord,
     MemoryStore,
@@ -63,6 +64,7 @@ class Hold:
         self.model = model
         self.team = team
         self.outcome: str | None = None
+        self.claimed = False  # the idempotency claim asked for was taken with the hold
 
     async def settle(self, spent: int, uncertain: int = 0) -> None:
         """Keep ``spent`` (≤ amount) of the hold, ``uncertain`` of it maybe billed."""
@@ -118,8 +120,11 @@ class Ledger:
         return Periods(day=moment.strftime("%Y-%m-%d"), month=moment.strftime("%Y-%m"))
 
     # holds ---------------------------------------------------------------------------
-    async def hold(self, key: KeyRecord, model: str, amount: int) -> Hold:
-        """Reserve ``amount`` for ``key`` or raise the refusal as an error."""
+    async def hold(
+        self, key: KeyRecord, model: str, amount: int, claim: ClaimRequest | None = None
+    ) -> Hold:
+        """Reserve ``amount`` for ``key`` (and take ``claim`` if it is free) or raise the
+        refusal as an error."""
         request = HoldRequest(
             hold_id=f"{secrets.token_hex(12)}@{group_of(key.id, key.team)}",
             key_id=key.id,
@@ -128,6 +133,7 @@ class Ledger:
             ttl_seconds=self.hold_ttl,
             model=model,
             team=key.team,
+            claim=claim,
         )
         store = self.store
         try:
@@ -138,6 +144,11 @@ class Ledger:
             self.write_later(
                 request.hold_id, "settle", functools.partial(store.release, request.hold_id)
             )
+            if claim is not None:
+                abandon = functools.partial(
+                    store.idem_abandon, claim.scope, claim.owner, claim.ttl_seconds
+                )
+                self.write_later(f"idem:{claim.scope}:{claim.owner}", "idempotency", abandon)
             if self._fallback is None:
                 raise
             # store.on_error: open — limits of this process only, budgets counted locally.
@@ -153,7 +164,9 @@ class Ledger:
                 kind = "day" if len(period) == 10 else "month"
                 self._metrics.budget_remaining_usd.labels(team, kind).set(remaining / 1e6)
         self._metrics.holds_outstanding.inc()
-        return Hold(self, request.hold_id, amount, model, team, store)
+        hold = Hold(self, request.hold_id, amount, model, team, store)
+        hold.claimed = reservation.claimed
+        return hold
 
     async def resolve(self, hold: Hold, spent: int, uncertain: int) -> None:
         self._metrics.holds_outstanding.dec()

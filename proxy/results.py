@@ -29,13 +29,16 @@ class Capture:
     """The bytes of one answer, spooled to disk as they are sent."""
 
     def __init__(self, limit: int) -> None:
-        self._file: IO[bytes] | None = tempfile.TemporaryFile()
+        self._file: IO[bytes] | None = None  # opened on the first byte
+        self._discarded = False
         self.size = 0
         self._limit = limit
 
     def write(self, chunk: bytes) -> None:
-        if self._file is None:
+        if self._discarded:
             return
+        if self._file is None:
+            self._file = tempfile.TemporaryFile()
         self.size += len(chunk)
         if self.size > self._limit:
             # Too large to keep for replay: stop paying for the copy.
@@ -45,7 +48,7 @@ class Capture:
 
     @property
     def complete(self) -> bool:
-        return self._file is not None
+        return self._file is not None and not self._discarded
 
     def chunks(self) -> AsyncIterator[bytes]:
         assert self._file is not None
@@ -68,6 +71,7 @@ class Capture:
             shutil.copyfileobj(self._file, out, CHUNK)
 
     def discard(self) -> None:
+        self._discarded = True
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
 import pytest
 
 from proxy.config import StoreSettings
 from proxy.keys import KeyHasher, issue_key
 from proxy.store import (
+    ClaimRequest,
     HoldRequest,
     IdemRecord,
     IdemState,
@@ -268,6 +270,34 @@ async def test_abandon_that_arrives_before_its_claim_leaves_no_ghost(store: Stor
     assert (await store.idem_begin(scope, "fp", 10, owner="c")).state is IdemState.IN_FLIGHT
     await store.idem_abandon(scope, "owner-b", 10)
     assert (await store.idem_begin(scope, "fp", 10, owner="c")).state is IdemState.NEW
+
+
+async def test_reserve_takes_a_free_claim_with_the_hold(store: Store) -> None:
+    key = new_key(daily_micros=PRICE)
+    await store.add_key(key)
+    scope = f"first@{group_of(key.id, key.team)}"
+    first = replace(hold(key), claim=ClaimRequest(scope, "fp", 10, "owner-a"))
+    assert (await store.reserve(first)).claimed
+    assert (await store.idem_begin(scope, "fp", 10, join_only=True)).state is IdemState.IN_FLIGHT
+    # Refused for budget: no hold, and no claim either.
+    other = f"second@{group_of(key.id, key.team)}"
+    refused = await store.reserve(replace(hold(key), claim=ClaimRequest(other, "fp", 10, "b")))
+    assert refused.refusal is Refusal.KEY_DAILY and not refused.claimed
+    assert (await store.idem_begin(other, "fp", 10, join_only=True)).state is IdemState.NEW
+
+
+async def test_reserve_leaves_a_taken_or_abandoned_claim_alone(store: Store) -> None:
+    key = new_key()
+    await store.add_key(key)
+    scope = f"taken@{group_of(key.id, key.team)}"
+    assert (await store.idem_begin(scope, "fp", 10, owner="a")).state is IdemState.NEW
+    second = await store.reserve(replace(hold(key), claim=ClaimRequest(scope, "fp", 10, "b")))
+    assert second.ok and not second.claimed  # an identical call in flight: one of its own
+    await store.idem_abandon(scope, "a", 10)
+    await store.idem_abandon(scope, "c", 10)  # c's reserve timed out; it lands after this
+    late = await store.reserve(replace(hold(key), claim=ClaimRequest(scope, "fp", 10, "c")))
+    assert late.ok and not late.claimed
+    assert (await store.idem_begin(scope, "fp", 10, join_only=True)).state is IdemState.NEW
 
 
 async def test_concurrent_reserves_never_overdraw(store: Store) -> None:

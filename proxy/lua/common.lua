@@ -56,3 +56,13 @@ local function expire(base, now, limit)
   end
   return n
 end
+
+-- Take a free idempotency scope for its owner, unless the owner's abandon came first
+-- (its "gone" mark). Returns 1 if claimed.
+local function claim(record, gone, fingerprint, ttl_ms, owner)
+  if redis.call('EXISTS', record) == 1 then return 0 end
+  if redis.call('DEL', gone) == 1 then return 0 end
+  redis.call('HSET', record, 'fingerprint', fingerprint, 'state', 'in_flight', 'owner', owner)
+  redis.call('PEXPIRE', record, ttl_ms)
+  return 1
+end

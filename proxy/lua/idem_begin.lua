@@ -3,9 +3,8 @@
 -- ARGV: fingerprint, ttl_ms, join_only ("1"/"0"), owner
 local r = redis.call('HMGET', KEYS[1], 'fingerprint', 'state', 'status', 'result', 'headers')
 if not r[1] then
-  if ARGV[3] ~= '1' and redis.call('DEL', KEYS[2]) == 0 then
-    redis.call('HSET', KEYS[1], 'fingerprint', ARGV[1], 'state', 'in_flight', 'owner', ARGV[4])
-    redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  if ARGV[3] ~= '1' then
+    claim(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), ARGV[4])
   end
   return { 'new' }
 end

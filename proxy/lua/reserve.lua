@@ -1,7 +1,8 @@
 -- reserve: check key, budgets (key and team, day and month), concurrency and rpm
 -- (GCRA on this server's clock), then take the hold. All or nothing.
 -- KEYS[1]: the key record (routes the call; every key touched shares its hash tag)
--- ARGV: base, key_id, hold_id, amount, day, month, ttl_ms, model
+-- ARGV: base, key_id, hold_id, amount, day, month, ttl_ms, model, and for an SDK first
+-- attempt: claim record, its gone mark, fingerprint, claim ttl_ms, owner (else absent)
 local base, key_id, hold_id = ARGV[1], ARGV[2], ARGV[3]
 local amount, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local ttl = tonumber(ARGV[7])
@@ -75,4 +76,8 @@ redis.call('PEXPIRE', hold_key, ttl + 86400000)
 redis.call('ZADD', base .. 'holds', deadline, hold_id)
 redis.call('ZADD', active_key, deadline, hold_id)
 redis.call('PEXPIRE', active_key, ttl + 60000)
-return { 'ok', remaining }
+local claimed = 0
+if ARGV[9] then
+  claimed = claim(ARGV[9], ARGV[10], ARGV[11], tonumber(ARGV[12]), ARGV[13])
+end
+return { 'ok', remaining, claimed }

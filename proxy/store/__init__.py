@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import StoreSettings
 from .base import (
+    ClaimRequest,
     HoldRequest,
     IdemRecord,
     IdemState,
@@ -22,6 +23,7 @@ from .base import (
 from .memory import MemoryStore
 
 __all__ = [
+    "ClaimRequest",
     "HoldRequest",
     "IdemRecord",
     "IdemState",

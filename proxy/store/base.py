@@ -85,6 +85,16 @@ class Periods:
 
 
 @dataclass(frozen=True)
+class ClaimRequest:
+    """An idempotency claim to take in the same step as a hold, if the scope is free."""
+
+    scope: str
+    fingerprint: str
+    ttl_seconds: float
+    owner: str
+
+
+@dataclass(frozen=True)
 class HoldRequest:
     hold_id: str
     key_id: str
@@ -93,6 +103,9 @@ class HoldRequest:
     ttl_seconds: float
     model: str
     team: str | None = None
+    # An SDK first attempt claims its fingerprint here, so a retry can join it, at no
+    # extra round trip; taken only with the hold, and only if nobody holds the scope.
+    claim: ClaimRequest | None = None
 
 
 class Refusal(enum.Enum):
@@ -121,6 +134,7 @@ class Reservation:
     retry_after: float | None = None
     # Team budget left after this hold, per period, for the metrics gauge.
     team_remaining: dict[str, int] | None = None
+    claimed: bool = False  # the request's claim was taken with the hold
 
     @property
     def ok(self) -> bool:

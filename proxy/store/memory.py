@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .base import (
+    ClaimRequest,
     HoldRequest,
     IdemRecord,
     IdemState,
@@ -163,7 +164,8 @@ class MemoryStore(Store):
             if scope == "team" and limit:
                 remaining[period] = limit - c.held - c.spent
         self._holds[request.hold_id] = _Hold(request, now + request.ttl_seconds)
-        return Reservation(team_remaining=remaining or None)
+        claimed = request.claim is not None and self._claim(request.claim, now)
+        return Reservation(team_remaining=remaining or None, claimed=claimed)
 
     async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
         hold = self._holds.pop(hold_id, None)
@@ -226,18 +228,33 @@ class MemoryStore(Store):
         join_only: bool = False,
     ) -> IdemRecord:
         now = self._clock()
-        entry = self._idem.get(scope)
-        if entry is not None and entry.until <= now:
-            del self._idem[scope]
-            entry = None
+        entry = self._live_idem(scope, now)
         if entry is None:
-            gone = self._idem_gone.pop((scope, owner), None)
-            if not join_only and (gone is None or gone <= now):
-                self._idem[scope] = _Idem(now + ttl_seconds, fingerprint, owner, IN_FLIGHT)
+            if not join_only:
+                self._claim(ClaimRequest(scope, fingerprint, ttl_seconds, owner), now)
             return IdemRecord(IdemState.NEW)
         if entry.fingerprint != fingerprint:
             return IdemRecord(IdemState.MISMATCH)
         return entry.record
+
+    def _live_idem(self, scope: str, now: float) -> _Idem | None:
+        entry = self._idem.get(scope)
+        if entry is not None and entry.until <= now:
+            del self._idem[scope]
+            return None
+        return entry
+
+    def _claim(self, claim: ClaimRequest, now: float) -> bool:
+        """Take a free scope for its owner, unless the owner already abandoned it."""
+        if self._live_idem(claim.scope, now) is not None:
+            return False
+        gone = self._idem_gone.pop((claim.scope, claim.owner), None)
+        if gone is not None and gone > now:
+            return False
+        self._idem[claim.scope] = _Idem(
+            now + claim.ttl_seconds, claim.fingerprint, claim.owner, IN_FLIGHT
+        )
+        return True
 
     async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None:
         entry = self._idem.get(scope)

@@ -227,19 +227,22 @@ class RedisStore(Store):
         group = group_of(request.key_id, request.team)
         base = self._base(group)
         p = request.periods
-        answer = await self._reserve(
-            keys=[base + "key:" + request.key_id],
-            args=[
-                base,
-                request.key_id,
-                request.hold_id,
-                request.amount,
-                p.day,
-                p.month,
-                int(request.ttl_seconds * 1000),
-                request.model,
-            ],
-        )
+        args: list[Any] = [
+            base,
+            request.key_id,
+            request.hold_id,
+            request.amount,
+            p.day,
+            p.month,
+            int(request.ttl_seconds * 1000),
+            request.model,
+        ]
+        if request.claim is not None:
+            c = request.claim
+            record = self._idem_key(c.scope)
+            gone = f"{record}:gone:{c.owner}"
+            args += [record, gone, c.fingerprint, int(c.ttl_seconds * 1000), c.owner]
+        answer = await self._reserve(keys=[base + "key:" + request.key_id], args=args)
         if answer[0] != "ok":
             retry_ms = int(answer[1]) if len(answer) > 1 else None
             return Reservation(
@@ -247,7 +250,7 @@ class RedisStore(Store):
             )
         flat = answer[1]
         remaining = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
-        return Reservation(team_remaining=remaining or None)
+        return Reservation(team_remaining=remaining or None, claimed=answer[2] == 1)
 
     @_translated
     async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:

@@ -1,0 +1,62 @@
+"""The image route's use of the store: two round trips on the request path, hold and settle."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai
+
+from .conftest import Proxy, RedisServer
+
+
+def count_commands(proxy: Proxy) -> list[str]:
+    """Record every command the proxy's Redis client sends (one round trip each)."""
+    client = proxy.services.ledger.store.r
+    sent: list[str] = []
+    original = client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        sent.append(str(args[0]).lower())
+        return await original(*args, **options)
+
+    client.execute_command = counting
+    return sent
+
+
+def during(sent: list[str], call: Callable[[], object], after_answer: float = 0.3) -> list[str]:
+    """The commands sent for ``call``, once the steps after its answer are in."""
+    sent.clear()
+    call()
+    time.sleep(after_answer)
+    return sorted(sent)
+
+
+def test_a_generation_costs_a_hold_and_a_settle(
+    fake: Any, start_proxy: Callable[..., Proxy], redis_server: RedisServer
+) -> None:
+    proxy = start_proxy(fake[1].url, store={"url": redis_server.url}, auth={"key_pepper": "p"})
+    key = proxy.new_key()
+    headers = {"authorization": f"Bearer {key}"}
+    body = {"prompt": "x", "response_format": "url"}
+
+    def plain() -> None:
+        response = httpx.post(proxy.url + "/v1/images/generations", json=body, headers=headers)
+        assert response.status_code == 200
+
+    plain()  # the key record is read once, then cached
+    sent = count_commands(proxy)
+    assert during(sent, plain) == ["evalsha", "evalsha"]
+
+    # The SDK's first attempt also claims its fingerprint for a retry to join: in the
+    # same step as the hold. Its result is recorded after the answer was sent.
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
+
+    def first_attempt() -> None:
+        raw = sdk.images.with_raw_response.generate(prompt="y", response_format="url")
+        assert raw.http_request.headers["x-stainless-retry-count"] == "0"
+        assert raw.parse().data
+
+    assert during(sent, first_attempt) == ["evalsha", "evalsha", "hset", "pexpire"]
