@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = _settings(
         args, host=args.host, port=args.port, workers=args.workers, fake_upstream=args.fake_upstream
     )
-    serve(settings)
+    serve(settings, config_path=args.config)
     return 0
 
 

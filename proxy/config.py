@@ -223,6 +223,23 @@ def _config_path(path: str | os.PathLike[str] | None, env: Mapping[str, str]) ->
     return DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.is_file() else None
 
 
+def worker_environment(
+    settings: Settings, path: str | os.PathLike[str] | None = None
+) -> dict[str, str]:
+    """What worker processes need in their environment to load these same settings:
+    the config file, and the server fields that command-line flags may have set."""
+    server = settings.server
+    env = {
+        f"{ENV_PREFIX}SERVER__HOST": server.host,
+        f"{ENV_PREFIX}SERVER__PORT": str(server.port),
+        f"{ENV_PREFIX}SERVER__WORKERS": str(server.workers),
+        f"{ENV_PREFIX}SERVER__FAKE_UPSTREAM": "true" if server.fake_upstream else "false",
+    }
+    if path is not None:
+        env[f"{ENV_PREFIX}CONFIG"] = os.fspath(path)
+    return env
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")

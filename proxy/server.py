@@ -6,9 +6,11 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from dataclasses import replace
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -54,7 +56,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     }
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, config_path: str | None = None) -> None:
     logs.setup(settings.log)
     if settings.server.fake_upstream:
         settings = with_fake_upstream(settings)
@@ -63,7 +65,7 @@ def serve(settings: Settings) -> None:
             "upstream.api_key: set APIYI_API_KEY (or try `apiyi-proxy serve --fake-upstream`)"
         )
     if settings.server.workers > 1:
-        _serve_workers(settings)
+        _serve_workers(settings, config_path)
         return
     metrics = Metrics()
     if settings.server.metrics_port is not None:
@@ -72,7 +74,14 @@ def serve(settings: Settings) -> None:
         )
     first_key = settings.auth.mode == "keys" and settings.store.url.startswith("memory")
     app = create_app(settings, metrics=metrics, on_ready=_first_key if first_key else None)
+    # uvicorn drains in-flight calls on SIGTERM, then raises the signal again; by then
+    # the shutdown was clean, so end with status 0 rather than die by the signal.
+    signal.signal(signal.SIGTERM, _drained)
     uvicorn.Server(uvicorn.Config(app, **uvicorn_options(settings))).run()
+
+
+def _drained(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 async def _first_key(services: Services) -> None:
@@ -94,8 +103,10 @@ async def _first_key(services: Services) -> None:
     )
 
 
-def _serve_workers(settings: Settings) -> None:
-    # Each worker imports the app afresh, so it reads its settings from the environment.
+def _serve_workers(settings: Settings, config_path: str | None) -> None:
+    # Each worker imports the app afresh and loads its settings from the environment:
+    # hand it the config file and what the command line set.
+    os.environ.update(config_module.worker_environment(settings, config_path))
     directory = tempfile.mkdtemp(prefix="apiyi-proxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     if settings.server.metrics_port is not None:

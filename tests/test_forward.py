@@ -1,0 +1,494 @@
+"""What happens to money and answers when the upstream call fails, over real sockets.
+
+The rule under test (SPEC section 7): a hold is released only when the upstream
+certainly did not bill (unreachable, a 4xx/5xx answer, a 200 carrying an error); it
+is kept as spent, and marked uncertain, when the call may have been billed but the
+proxy cannot know (timeouts, lost connections).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
+
+import httpx
+import openai
+import orjson
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from proxy.fake_upstream import FakeUpstream, create_fake_app
+
+from .conftest import (
+    UPSTREAM_KEY,
+    Proxy,
+    RedisServer,
+    ThreadServer,
+    billing,
+    free_port,
+)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+PRICE = 0.03
+GENERATIONS = "/v1/images/generations"
+Fake = tuple[FakeUpstream, ThreadServer]
+
+
+def sdk(proxy: Proxy, key: str, **kwargs: Any) -> openai.OpenAI:
+    kwargs.setdefault("max_retries", 0)
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, **kwargs)
+
+
+def generate(
+    proxy: Proxy,
+    key: str,
+    prompt: str,
+    *,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+) -> httpx.Response:
+    return httpx.post(
+        proxy.url + GENERATIONS,
+        json={"prompt": prompt, "response_format": "url"},
+        headers={"authorization": f"Bearer {key}", **(headers or {})},
+        timeout=timeout,
+    )
+
+
+def generate_ok(proxy: Proxy, key: str, prompt: str) -> httpx.Response:
+    response = generate(proxy, key, prompt)
+    assert response.status_code == 200, response.text
+    return response
+
+
+def usage(proxy: Proxy, key: str) -> dict[str, Any]:
+    """The key's tallies for today, from ``GET /v1/usage``."""
+    response = httpx.get(
+        proxy.url + "/v1/usage", headers={"authorization": f"Bearer {key}"}, timeout=10
+    )
+    assert response.status_code == 200, response.text
+    today: dict[str, Any] = response.json()["today"]
+    return today
+
+
+def assert_money(proxy: Proxy, key: str, *, spent: float, uncertain: float = 0.0) -> dict[str, Any]:
+    today = usage(proxy, key)
+    assert today["held_usd"] == 0
+    assert today["spent_usd"] == pytest.approx(spent)
+    assert today["uncertain_usd"] == pytest.approx(uncertain)
+    return today
+
+
+class Answer(Protocol):
+    """An HTTP response, from httpx or from the SDK's own HTTP client."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self, **kwargs: Any) -> Any: ...
+
+
+def assert_error(response: Answer, status: int, type_: str, code: str | None) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type_
+    assert error["code"] == code
+    assert error["message"]
+    assert UPSTREAM_KEY not in response.text
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+# timeouts, resets, unreachable -------------------------------------------------------
+
+
+def test_upstream_timeout_is_504_and_kept_as_uncertain(
+    fake: Fake, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy(fake[1].url, upstream={"read_timeout": 1})
+    key = proxy.new_key()
+    # Default SDK retries: x-should-retry: false must stop them, or one call pays thrice.
+    client = sdk(proxy, key, max_retries=2)
+    started = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        client.images.generate(prompt="[fake:latency=5] slow")
+    assert time.monotonic() - started < 10
+    response = info.value.response
+    assert_error(response, 504, "upstream_timeout", "upstream_timeout")
+    assert response.headers["x-should-retry"] == "false"
+    assert billing(fake[1])["images_billed"] == 1
+    assert len(billing(fake[1])["requests"]) == 1
+    assert_money(proxy, key, spent=PRICE, uncertain=PRICE)
+
+
+def test_upstream_reset_is_502_and_kept_as_uncertain(proxy: Proxy, fake: Fake) -> None:
+    key = proxy.new_key()
+    response = generate(proxy, key, "[fake:reset] dropped")
+    assert_error(response, 502, "upstream_error", "upstream_connection_lost")
+    assert response.headers["x-should-retry"] == "false"
+    assert billing(fake[1])["images_billed"] == 1
+    assert_money(proxy, key, spent=PRICE, uncertain=PRICE)
+
+
+def test_unreachable_upstream_is_502_and_released(start_proxy: Callable[..., Proxy]) -> None:
+    closed = free_port()  # nothing listens here: the connection is refused
+    proxy = start_proxy(f"http://127.0.0.1:{closed}")
+    key = proxy.new_key(daily_usd=PRICE)
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as info:
+            sdk(proxy, key).images.generate(prompt="nobody home")
+        response = info.value.response
+        assert_error(response, 502, "upstream_error", "upstream_unreachable")
+        # Nothing was sent, so nothing was billed: a retry cannot pay twice.
+        assert response.headers["x-should-retry"] == "true"
+        assert str(closed) not in response.text
+    today = assert_money(proxy, key, spent=0)
+    assert today["remaining_usd"] == pytest.approx(PRICE)
+    assert today["requests"] == 2
+
+
+# upstream error answers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("directive", "status", "type_", "code", "should_retry"),
+    [
+        ("moderation", 400, "invalid_request_error", "moderation_blocked", "false"),
+        ("500", 502, "upstream_error", "upstream_error", "true"),
+        ("error200", 502, "upstream_error", "upstream_error", "false"),
+        ("quota", 502, "upstream_error", "upstream_quota_exhausted", "false"),
+        ("429", 429, "rate_limit_error", "rate_limit", "true"),
+    ],
+)
+def test_upstream_error_answer_is_mapped_and_released(
+    directive: str,
+    status: int,
+    type_: str,
+    code: str,
+    should_retry: str,
+    proxy: Proxy,
+    fake: Fake,
+) -> None:
+    key = proxy.new_key(daily_usd=PRICE)
+    response = generate(proxy, key, f"[fake:{directive}] x")
+    assert_error(response, status, type_, code)
+    assert response.headers["x-should-retry"] == should_retry
+    if status == 429:
+        assert response.headers["retry-after"] == "3"
+    else:
+        assert "retry-after" not in response.headers
+    assert len(billing(fake[1])["requests"]) == 1
+    assert billing(fake[1])["images_billed"] == 0
+    today = assert_money(proxy, key, spent=0)
+    assert today["remaining_usd"] == pytest.approx(PRICE)
+    # The released budget buys the next image.
+    generate_ok(proxy, key, "fine")
+    assert_money(proxy, key, spent=PRICE)
+
+
+# client disconnects --------------------------------------------------------------------
+
+
+def _leave_by_timeout(proxy: Proxy, key: str, fake: Fake) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        generate(proxy, key, "[fake:latency=2] slow", timeout=0.5)
+
+
+def _leave_by_closing(proxy: Proxy, key: str, fake: Fake) -> None:
+    body = orjson.dumps({"prompt": "[fake:latency=2] slow", "response_format": "url"})
+    head = (
+        f"POST {GENERATIONS} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+        f"authorization: Bearer {key}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", proxy.server.port), timeout=5) as conn:
+        conn.sendall(head.encode() + body)
+        # Close only once the call is upstream, so it is the answer that finds no one.
+        wait_for(lambda: bool(billing(fake[1])["requests"]))
+
+
+@pytest.mark.parametrize("leave", [_leave_by_timeout, _leave_by_closing], ids=["timeout", "close"])
+def test_client_gone_mid_call_keeps_money_and_frees_the_slot(
+    leave: Callable[[Proxy, str, Fake], None], proxy: Proxy, fake: Fake
+) -> None:
+    key = proxy.new_key(concurrency=1)
+    leave(proxy, key, fake)
+    # The proxy still waits for the upstream: the key's one slot is taken meanwhile.
+    busy = generate(proxy, key, "second")
+    assert_error(busy, 429, "rate_limit_error", "rate_limit_exceeded")
+    assert int(busy.headers["retry-after"]) >= 1
+    in_flight = usage(proxy, key)
+    assert in_flight["held_usd"] == pytest.approx(PRICE)
+
+    wait_for(lambda: usage(proxy, key)["held_usd"] == 0)
+    # The upstream answered 200, so the image was made and billed for certain: spent,
+    # not uncertain, even though nobody was there to receive it.
+    assert billing(fake[1])["images_billed"] == 1
+    assert_money(proxy, key, spent=PRICE, uncertain=0)
+    generate_ok(proxy, key, "next")
+    assert_money(proxy, key, spent=2 * PRICE)
+
+
+# n policies ----------------------------------------------------------------------------
+
+
+def _images(result: openai.types.ImagesResponse) -> list[bytes]:
+    assert result.data is not None
+    return [base64.b64decode(item.b64_json or "", validate=True) for item in result.data]
+
+
+def test_fanout_makes_n_parallel_calls(fake: Fake, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(fake[1].url, policy={"n": "fanout"})
+    key = proxy.new_key()
+    started = time.monotonic()
+    raw = sdk(proxy, key).images.with_raw_response.generate(
+        prompt="[fake:latency=1] three cats", n=3
+    )
+    elapsed = time.monotonic() - started
+    result = raw.parse()
+    images = _images(result)
+    assert len(images) == 3
+    assert all(image.startswith(PNG) for image in images)
+    assert result.created > 0
+    adjusted = raw.headers["x-proxy-adjusted"]
+    assert "dropped=n" in adjusted and "images=" not in adjusted
+    sent = billing(fake[1])
+    assert sent["images_billed"] == 3
+    assert [r["n"] for r in sent["requests"]] == [None, None, None]
+    today = assert_money(proxy, key, spent=3 * PRICE)
+    assert today["requests"] == 1
+    # In parallel: three one-second calls took well under three seconds.
+    assert elapsed < 2.8
+
+
+@pytest.mark.parametrize(
+    ("seed", "outcomes", "spent", "uncertain"),
+    [
+        # Seeds of the fake's fail_rate draws giving exactly one failure among three.
+        (40, ["500", "ok", "ok"], 2 * PRICE, 0.0),
+        (2, ["ok", "ok", "timeout"], 3 * PRICE, PRICE),
+    ],
+    ids=["500", "timeout"],
+)
+def test_fanout_with_one_failed_call_returns_fewer_images(
+    seed: int,
+    outcomes: list[str],
+    spent: float,
+    uncertain: float,
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    state = FakeUpstream(api_key=UPSTREAM_KEY, fail_rate=0.3, seed=seed)
+    with ThreadServer(create_fake_app(state)) as server:
+        proxy = start_proxy(server.url, policy={"n": "fanout"}, upstream={"read_timeout": 1})
+        key = proxy.new_key()
+        raw = sdk(proxy, key).images.with_raw_response.generate(prompt="three dogs", n=3)
+        assert sorted(r["outcome"] for r in billing(server)["requests"]) == outcomes
+        images = _images(raw.parse())
+        assert len(images) == 2
+        assert all(image.startswith(PNG) for image in images)
+        assert "images=2/3" in raw.headers["x-proxy-adjusted"]
+        assert billing(server)["images_billed"] == round(spent / PRICE)
+        assert_money(proxy, key, spent=spent, uncertain=uncertain)
+
+
+def test_fanout_with_every_call_failed_is_released(
+    fake: Fake, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy(fake[1].url, policy={"n": "fanout"})
+    key = proxy.new_key()
+    with pytest.raises(openai.InternalServerError) as info:
+        sdk(proxy, key).images.generate(prompt="[fake:500] three", n=3)
+    assert info.value.status_code == 502
+    assert len(billing(fake[1])["requests"]) == 3
+    assert_money(proxy, key, spent=0)
+
+
+def test_strip_sends_one_call_and_bills_once(fake: Fake, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(fake[1].url, policy={"n": "strip"})
+    key = proxy.new_key()
+    raw = sdk(proxy, key).images.with_raw_response.generate(prompt="three birds", n=3)
+    images = _images(raw.parse())
+    assert len(images) == 1 and images[0].startswith(PNG)
+    adjusted = raw.headers["x-proxy-adjusted"]
+    assert "n=1" in adjusted and "dropped=n" in adjusted
+    sent = billing(fake[1])
+    assert sent["images_billed"] == 1
+    assert [r["n"] for r in sent["requests"]] == [None]
+    assert_money(proxy, key, spent=PRICE)
+
+
+# passthrough ---------------------------------------------------------------------------
+
+CLIENT_KEY = "sk-client-own-upstream-key-0123456789abcdef"
+
+
+class HeaderLog:
+    """Wraps the fake upstream's app and keeps every request's headers."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.requests: list[dict[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.requests.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture
+def logged_fake() -> Iterator[tuple[FakeUpstream, HeaderLog, ThreadServer]]:
+    state = FakeUpstream(api_key=CLIENT_KEY)
+    log = HeaderLog(create_fake_app(state))
+    with ThreadServer(log) as server:
+        yield state, log, server
+
+
+def test_passthrough_forwards_the_client_key_and_meters_it(
+    logged_fake: tuple[FakeUpstream, HeaderLog, ThreadServer],
+    start_proxy: Callable[..., Proxy],
+) -> None:
+    _, log, server = logged_fake
+    proxy = start_proxy(server.url, auth={"mode": "passthrough"})
+    result = sdk(proxy, CLIENT_KEY).images.generate(prompt="mine")
+    assert _images(result)[0].startswith(PNG)
+    assert [r["authorization"] for r in log.requests] == [f"Bearer {CLIENT_KEY}"]
+
+    wrong = "sk-someone-else-entirely-0123456789abcdef"
+    with pytest.raises(openai.AuthenticationError) as info:
+        sdk(proxy, wrong).images.generate(prompt="theirs")
+    assert info.value.status_code == 401
+    assert info.value.code == "invalid_api_key"
+    assert [r["authorization"] for r in log.requests] == [
+        f"Bearer {CLIENT_KEY}",
+        f"Bearer {wrong}",
+    ]
+    # The proxy's own upstream key never left it.
+    assert not any(UPSTREAM_KEY in value for r in log.requests for value in r.values())
+    assert billing(server)["images_billed"] == 1
+
+    # Each client key is metered on its own, under an id made from its HMAC.
+    mine = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {CLIENT_KEY}"})
+    theirs = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {wrong}"})
+    hasher = proxy.services.hasher
+    assert mine.json()["key"]["id"] == "pt_" + hasher.hash(CLIENT_KEY)[:16]
+    assert theirs.json()["key"]["id"] == "pt_" + hasher.hash(wrong)[:16]
+    assert CLIENT_KEY not in mine.text and wrong not in theirs.text
+    assert mine.json()["today"]["spent_usd"] == pytest.approx(PRICE)
+    assert theirs.json()["today"]["spent_usd"] == 0
+    assert theirs.json()["today"]["held_usd"] == 0
+    assert theirs.json()["today"]["requests"] == 1
+
+
+# store down ----------------------------------------------------------------------------
+
+
+def _redis_proxy(
+    start_proxy: Callable[..., Proxy], upstream: str, redis: RedisServer, on_error: str
+) -> Proxy:
+    return start_proxy(
+        upstream,
+        store={"url": redis.url, "on_error": on_error},
+        # The key record stays cached, so only the budget step meets the dead store.
+        auth={"key_pepper": "pepper-for-tests", "key_cache_seconds": 60},
+    )
+
+
+def test_store_down_fails_closed_by_default(
+    fake: Fake, redis_server: RedisServer, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = _redis_proxy(start_proxy, fake[1].url, redis_server, "closed")
+    key = proxy.new_key()
+    generate_ok(proxy, key, "warm")
+    redis_server.stop()
+    started = time.monotonic()
+    response = generate(proxy, key, "refused")
+    assert time.monotonic() - started < 3
+    assert_error(response, 503, "service_unavailable", "store_unavailable")
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["x-should-retry"] == "true"
+    assert len(billing(fake[1])["requests"]) == 1  # the upstream was not called
+
+
+def test_store_down_with_on_error_open_lets_calls_through(
+    fake: Fake, redis_server: RedisServer, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = _redis_proxy(start_proxy, fake[1].url, redis_server, "open")
+    key = proxy.new_key()
+    generate_ok(proxy, key, "warm")
+    redis_server.stop()
+    response = generate(proxy, key, "through anyway")
+    assert response.status_code == 200, response.text
+    assert response.json()["data"][0]["url"].startswith("https://")
+    assert billing(fake[1])["images_billed"] == 2
+
+
+def test_readyz_follows_the_store(
+    fake: Fake, redis_server: RedisServer, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = _redis_proxy(start_proxy, fake[1].url, redis_server, "closed")
+    ready = httpx.get(proxy.url + "/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+
+    redis_server.stop()
+    down = httpx.get(proxy.url + "/readyz")
+    assert_error(down, 503, "service_unavailable", "store_unavailable")
+    assert int(down.headers["retry-after"]) >= 1
+    assert httpx.get(proxy.url + "/healthz").status_code == 200  # alive, just not ready
+
+    back = RedisServer(port=redis_server.port)
+    try:
+        wait_for(lambda: httpx.get(proxy.url + "/readyz").status_code == 200)
+    finally:
+        back.stop()
+
+
+# request ids ---------------------------------------------------------------------------
+
+GENERATED_ID = re.compile(r"^req_[0-9a-f]{24}$")
+
+
+def test_every_response_has_a_request_id(proxy: Proxy) -> None:
+    key = proxy.new_key()
+    auth = {"authorization": f"Bearer {key}"}
+    responses = [
+        httpx.get(proxy.url + "/healthz"),
+        httpx.get(proxy.url + "/readyz"),
+        httpx.get(proxy.url + "/metrics"),
+        httpx.get(proxy.url + "/v1/models", headers=auth),
+        httpx.get(proxy.url + "/v1/usage", headers=auth),
+        httpx.get(proxy.url + "/no/such/route"),
+        httpx.post(proxy.url + GENERATIONS, json={"prompt": "x"}),
+        httpx.post(proxy.url + GENERATIONS, content=b"not json", headers=auth),
+        generate(proxy, key, "fine"),
+        generate(proxy, key, "[fake:500] broken"),
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 200, 404, 401, 400, 200, 502]
+    ids = [r.headers["x-request-id"] for r in responses]
+    assert all(GENERATED_ID.match(i) for i in ids), ids
+    assert len(set(ids)) == len(ids)
+
+
+def test_incoming_request_id_is_echoed_when_valid(proxy: Proxy) -> None:
+    key = proxy.new_key()
+    for prompt, status in (("fine", 200), ("[fake:moderation] x", 400)):
+        response = generate(proxy, key, prompt, headers={"x-request-id": "trace-42.a:b_c"})
+        assert response.status_code == status
+        assert response.headers["x-request-id"] == "trace-42.a:b_c"
+    for bad in ("has spaces in it", "x" * 65, "semi;colon"):
+        response = httpx.get(proxy.url + "/healthz", headers={"x-request-id": bad})
+        assert GENERATED_ID.match(response.headers["x-request-id"])
