@@ -126,7 +126,9 @@ class Forwarder:
             ex.upstream_status = response.status
             try:
                 if response.status != 200:
-                    outcome = "error"
+                    # refused: the upstream said no to this request (moderation, quota,
+                    # a bad key); error: it failed to serve it.
+                    outcome = "refused" if response.status < 500 else "error"
                     raw = await _read_error(response)
                     await hold.release()
                     raise self._error(call, response, raw)

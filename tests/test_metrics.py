@@ -57,23 +57,25 @@ def test_metrics_follow_real_traffic(proxy: Proxy, fake: Any) -> None:
         assert generate(proxy, key).status_code == 200
     assert generate(proxy, key, n=3).status_code == 400
     assert generate(proxy, key, prompt="[fake:500] broken").status_code == 502
+    assert generate(proxy, key, prompt="[fake:moderation] no").status_code == 400
     assert generate(proxy, "sk-not-a-key").status_code == 401
-    assert billing(fake[1])["images_billed"] == 3  # a 5xx bills nothing
+    assert billing(fake[1])["images_billed"] == 3  # a 5xx or a refusal bills nothing
 
     m = scrape(proxy)
     requests = "apiyi_proxy_requests_total"
     assert value(m, requests, route=GENERATIONS, model=MODEL, status_class="2xx") == 3
-    assert value(m, requests, route=GENERATIONS, status_class="4xx") == 2
+    assert value(m, requests, route=GENERATIONS, status_class="4xx") == 3
     assert value(m, requests, route=GENERATIONS, model=MODEL, status_class="5xx") == 1
     assert value(m, requests, route="/admin", status_class="2xx") == 2  # team and key
     duration = "apiyi_proxy_request_duration_seconds_count"
     assert value(m, duration, route=GENERATIONS, status_class="2xx") == 3
     upstream = "apiyi_proxy_upstream_duration_seconds_count"
     assert value(m, upstream, model=MODEL, outcome="ok") == 3
-    assert value(m, upstream, model=MODEL, outcome="error") == 1
-    assert value(m, "apiyi_proxy_overhead_seconds_count", route=GENERATIONS) == 4
+    assert value(m, upstream, model=MODEL, outcome="error") == 1  # the 5xx
+    assert value(m, upstream, model=MODEL, outcome="refused") == 1  # the moderation 400
+    assert value(m, "apiyi_proxy_overhead_seconds_count", route=GENERATIONS) == 5
     # The proxy's own time is a small part of each call, and never negative.
-    assert 0 <= value(m, "apiyi_proxy_overhead_seconds_sum", route=GENERATIONS) < 4
+    assert 0 <= value(m, "apiyi_proxy_overhead_seconds_sum", route=GENERATIONS) < 5
 
     # Money: spend equals billed images × price; the failed call was refunded.
     assert value(m, "apiyi_proxy_images_billed_total", model=MODEL, team="design") == 3
@@ -82,15 +84,15 @@ def test_metrics_follow_real_traffic(proxy: Proxy, fake: Any) -> None:
     assert abs(spend - 3 * 0.03) < 1e-9
     assert value(m, "apiyi_proxy_uncertain_spend_usd_total") == 0
     assert value(m, "apiyi_proxy_holds_resolved_total", outcome="settled") == 3
-    assert value(m, "apiyi_proxy_holds_resolved_total", outcome="released") == 1
+    assert value(m, "apiyi_proxy_holds_resolved_total", outcome="released") == 2
     assert value(m, "apiyi_proxy_holds_outstanding") == 0
     remaining = value(m, "apiyi_proxy_budget_remaining_usd", team="design", period="day")
-    # Seen when the last hold was taken: four held or spent by then.
+    # Seen when the last hold was taken: three spent and that one held by then.
     assert abs(remaining - (1 - 4 * 0.03)) < 1e-9
     assert value(m, "apiyi_proxy_rejections_total", reason="n_not_supported") == 1
     assert value(m, "apiyi_proxy_rejections_total", reason="invalid_api_key") == 1
-    assert value(m, "apiyi_proxy_store_duration_seconds_count", operation="reserve") == 4
-    assert value(m, "apiyi_proxy_store_duration_seconds_count", operation="settle") == 4
+    assert value(m, "apiyi_proxy_store_duration_seconds_count", operation="reserve") == 5
+    assert value(m, "apiyi_proxy_store_duration_seconds_count", operation="settle") == 5
     assert value(m, "apiyi_proxy_store_errors_total") == 0
     assert value(m, "apiyi_proxy_in_flight_requests", route=GENERATIONS) == 0
 
