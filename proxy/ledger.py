@@ -42,6 +42,7 @@ log = logging.getLogger("apiyi_proxy.ledger")
 
 SETTLE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 SWEEP_SECONDS = 5.0
+BUDGET_REFRESH_SWEEPS = 6  # every 30 s
 MAX_QUEUED_RELEASES = 100_000
 
 
@@ -240,12 +241,31 @@ class Ledger:
         ]
 
     async def _sweep_forever(self) -> None:
+        sweeps = 0
         while True:
+            if sweeps % BUDGET_REFRESH_SWEEPS == 0:
+                with contextlib.suppress(ProxyError):
+                    await self.refresh_budgets()
             await asyncio.sleep(SWEEP_SECONDS)
+            sweeps += 1
             with contextlib.suppress(ProxyError):
                 expired = await self.call("expire", self.store.expire_holds)
                 if expired:
                     self._metrics.holds_resolved.labels("expired").inc(expired)
+
+    async def refresh_budgets(self) -> None:
+        """Set the team budget gauges from the store: a quiet team's gauge must not
+        keep yesterday's value, and a new period starts full."""
+        periods = self.periods()
+        for team in await self.call("teams", self.store.teams):
+            for kind, period in (("day", periods.day), ("month", periods.month)):
+                tally = await self.call(
+                    "tally", functools.partial(self.store.tally, "team", team.name, period)
+                )
+                if tally.limit:
+                    remaining = tally.remaining or 0
+                    self._metrics.budget_remaining_usd.labels(team.name, kind).set(remaining / 1e6)
+                    self._metrics.budget_limit_usd.labels(team.name, kind).set(tally.limit / 1e6)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Give queued settles a last chance to land, then stop the background work."""

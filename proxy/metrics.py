@@ -166,7 +166,17 @@ class Metrics:
         self.budget_remaining_usd = Labelled(
             Gauge(
                 f"{p}_budget_remaining_usd",
-                "Budget left for a team in the current period, as last seen by this process.",
+                "Budget left for a team in the current period (seen at each hold, and "
+                "refreshed from the store every half minute).",
+                ["team", "period"],
+                registry=r,
+                multiprocess_mode="mostrecent",
+            )
+        )
+        self.budget_limit_usd = Labelled(
+            Gauge(
+                f"{p}_budget_limit_usd",
+                "A team's budget for the period (day, month); 0 or absent means none.",
                 ["team", "period"],
                 registry=r,
                 multiprocess_mode="mostrecent",
@@ -217,6 +227,7 @@ EXPORTED_NAMES: Final = (
     "apiyi_proxy_holds_outstanding",
     "apiyi_proxy_holds_resolved_total",
     "apiyi_proxy_budget_remaining_usd",
+    "apiyi_proxy_budget_limit_usd",
     "apiyi_proxy_store_errors_total",
     "apiyi_proxy_store_duration_seconds",
     "apiyi_proxy_idempotent_replays_total",

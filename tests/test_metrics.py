@@ -146,3 +146,15 @@ def test_no_raw_path_or_unbounded_value_becomes_a_label(proxy: Proxy) -> None:
     }
     for leaked in ("here-1234", "abcdef", "model-unbounded-9876", "req-label-check-42", key):
         assert not any(leaked in label for label in labels), leaked
+
+
+def test_budget_gauges_come_from_the_store_before_any_traffic(
+    fake: Any, start_proxy: Callable[..., Proxy]
+) -> None:
+    teams = {"design": {"daily_usd": 2, "monthly_usd": 40}}
+    proxy = start_proxy(fake[1].url, ledger={"teams": teams})
+    m = poll(proxy, lambda m: value(m, "apiyi_proxy_budget_limit_usd", team="design") > 0)
+    assert value(m, "apiyi_proxy_budget_limit_usd", team="design", period="day") == 2
+    assert value(m, "apiyi_proxy_budget_limit_usd", team="design", period="month") == 40
+    assert value(m, "apiyi_proxy_budget_remaining_usd", team="design", period="day") == 2
+    assert value(m, "apiyi_proxy_budget_remaining_usd", team="design", period="month") == 40
