@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import random
 import re
 import secrets
@@ -43,7 +44,7 @@ MODELS = ("gpt-image-2-vip", "gpt-image-2-all")
 ACCEPTED = frozenset({"model", "prompt", "size", "response_format", "n"})
 FAULTS = ("timeout", "reset", "500", "429", "quota", "moderation", "error200")
 _DIRECTIVE = re.compile(r"\[fake:([a-z0-9-]+)(?:=([0-9.]+))?\]")
-_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 CHUNK = 64 * 1024
 
 
@@ -74,7 +75,7 @@ def _check_size(model: str, size: object) -> str | None:
         return "invalid size"
     if model == "gpt-image-2-vip":
         return None if size in VIP_SIZES else f"invalid size {size!r}"
-    match = _SIZE.match(size)
+    match = _SIZE.fullmatch(size)
     if match is None:
         return f"invalid size {size!r}"
     w, h = int(match[1]), int(match[2])
@@ -165,26 +166,27 @@ def create_fake_app(fake: FakeUpstream) -> Starlette:
             body = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
             return _error(400, "invalid JSON body", "invalid_request")
-        return await _generate(fake, request, body, route="generations", images=0)
+        return await _generate(fake, request, body, route="generations", images=[])
 
     async def edits(request: Request) -> Response:
         if (denied := _auth(fake, request)) is not None:
             return denied
         fields: dict[str, Any] = {}
-        images = []
+        images: list[bytes] = []
         async with request.form(max_files=32) as form:
             for name, value in form.multi_items():
                 if isinstance(value, str):
                     fields[name] = int(value) if name == "n" and value.isdigit() else value
                 elif name in ("image", "image[]"):
-                    images.append((await value.read())[:8])
+                    images.append(await value.read())
                 else:
                     return _error(400, f"Unknown parameter: {name}", "invalid_request")
         if not 1 <= len(images) <= 16:
             return _error(400, "1 to 16 images are required", "invalid_request")
         if any(not i.startswith((b"\x89PNG", b"\xff\xd8\xff", b"RIFF")) for i in images):
             return _error(400, "images must be png, jpeg or webp", "invalid_image")
-        return await _generate(fake, request, fields, route="edits", images=len(images))
+        digests = [hashlib.sha256(i).hexdigest()[:16] for i in images]
+        return await _generate(fake, request, fields, route="edits", images=digests)
 
     async def models(request: Request) -> Response:
         data = [
@@ -232,7 +234,7 @@ def _auth(fake: FakeUpstream, request: Request) -> Response | None:
 
 
 async def _generate(
-    fake: FakeUpstream, request: Request, body: Any, *, route: str, images: int
+    fake: FakeUpstream, request: Request, body: Any, *, route: str, images: list[str]
 ) -> Response:
     entry: dict[str, Any] = {
         "route": route,
@@ -243,7 +245,9 @@ async def _generate(
         "billed": False,
     }
     if images:
-        entry["images"] = images
+        # How many images an edit carried, and which, in the order received.
+        entry["images"] = len(images)
+        entry["image_sha256"] = images
     fake.requests.append(entry)
     problem = check_generation(body)
     if problem is not None:

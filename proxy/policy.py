@@ -7,6 +7,7 @@ charge and calls to make, and what was changed) or raises ``InvalidRequest``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,8 @@ KNOWN_UNSUPPORTED = frozenset({
     "output_compression", "partial_images", "user",
 })  # fmt: skip
 HANDLED = frozenset({"model", "prompt", "size", "n", "response_format", "stream"})
+# Client-chosen field names are echoed in a response header: keep them to a safe token.
+_UNSAFE_LABEL = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,16 @@ class Decision:
 
 
 def _show(value: object) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        text = f"<{type(value).__name__}>"
     return text if len(text) <= 50 else text[:47] + "..."
+
+
+def _label(name: str) -> str:
+    """A field name as it may appear in ``x-proxy-adjusted``: printable ASCII, no separators."""
+    return _UNSAFE_LABEL.sub("?", name[:50]) or "?"
 
 
 class RequestPolicy:
@@ -114,7 +125,9 @@ class RequestPolicy:
             dropped.append("stream")
 
         images = calls = 1
-        if "n" in body:
+        if "n" in body and body["n"] is None:
+            dropped.append("n")  # an SDK's explicit None: the default, as OpenAI takes it
+        elif "n" in body:
             n = self._n(body["n"], from_form)
             dropped.append("n")
             if n > 1:
@@ -138,7 +151,7 @@ class RequestPolicy:
                     param=str(name)[:50],
                     code="unsupported_field",
                 )
-            dropped.append(str(name)[:50])
+            dropped.append(_label(str(name)))
         if dropped:
             adjustments.append("dropped=" + ",".join(sorted(dropped)))
         return Decision(model, upstream, images, calls, response_format, tuple(adjustments))

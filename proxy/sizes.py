@@ -28,7 +28,7 @@ VIP_SIZES: tuple[str, ...] = tuple(s for tier in VIP_TIERS.values() for s in tie
 ALL_LONG_EDGE = (512, 1536)
 
 _SEPARATOR = re.compile(r"\s*[x×✕✖*]\s*", re.IGNORECASE)
-_SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
 
 
 def normalise_size(raw: str) -> str:
@@ -40,7 +40,7 @@ def normalise_size(raw: str) -> str:
 
 
 def parse(size: str) -> tuple[int, int] | None:
-    match = _SIZE.match(size)
+    match = _SIZE.fullmatch(size)
     return (int(match[1]), int(match[2])) if match else None
 
 
