@@ -70,7 +70,7 @@ class SizeTable:
         return size in self.sizes
 
     def nearest(self, size: str, k: int = 3) -> list[str]:
-        """Valid sizes closest to ``size``: same shape first, then similar area."""
+        """Valid sizes closest to ``size``: the shape counts twice as much as the area."""
         parsed = parse(size)
         if self.long_edge is not None:
             low, high = self.long_edge
@@ -85,8 +85,9 @@ class SizeTable:
             return list(self.sizes[:k])
         w, h = parsed
 
-        def distance(candidate: str) -> tuple[float, float]:
+        def distance(candidate: str) -> float:
             cw, ch = parse(candidate) or (1, 1)
-            return (abs(math.log((cw / ch) / (w / h))), abs(math.log((cw * ch) / (w * h))))
+            shape = abs(math.log((cw / ch) / (w / h)))
+            return 2 * shape + abs(math.log((cw * ch) / (w * h)))
 
         return sorted(self.sizes, key=distance)[:k]

@@ -217,7 +217,10 @@ def test_size_table_helpers() -> None:
     assert parse("02048x1152") is None
     assert parse("2048X1152") is None
     vip = SizeTable.for_model(ModelSettings("gpt-image-2-vip"))
-    assert vip.nearest("2000x1100", k=2) == ["2048x1152", "1280x720"]
+    assert vip.nearest("2000x1100", k=2) == ["2048x1152", "2048x1360"]
+    # The closest of every shape and area first, not merely the closest shape.
+    assert vip.nearest("850x1280", k=1) == ["848x1280"]
+    assert vip.nearest("999x999", k=1) == ["1280x1280"]
     assert SizeTable.for_model(ModelSettings("gpt-image-2-all")).long_edge == (512, 1536)
     assert SizeTable.for_model(ModelSettings("gpt-image-2-all")).nearest("3072x1536") == [
         "1536x768"
