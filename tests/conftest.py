@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 import uvicorn
 
@@ -128,6 +129,17 @@ class Proxy:
         self.url = server.url
         self.app = app
         self.metrics = metrics
+        self._clients: list[openai.OpenAI] = []
+
+    def sdk(self, key: str, **options: Any) -> openai.OpenAI:
+        """The openai SDK pointed at this proxy; closed with the proxy."""
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, **options)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self._clients:
+            client.close()
 
     @property
     def services(self) -> Any:
@@ -158,7 +170,9 @@ def start_proxy() -> Iterator[Callable[..., Proxy]]:
         metrics = Metrics()
         app = create_app(settings, metrics=metrics)
         server = stack.enter_context(ThreadServer(app))
-        return Proxy(server, app, metrics)
+        proxy = Proxy(server, app, metrics)
+        stack.callback(proxy.close_clients)
+        return proxy
 
     with stack:
         yield start

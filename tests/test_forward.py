@@ -40,7 +40,7 @@ Fake = tuple[FakeUpstream, ThreadServer]
 
 def sdk(proxy: Proxy, key: str, **kwargs: Any) -> openai.OpenAI:
     kwargs.setdefault("max_retries", 0)
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, **kwargs)
+    return proxy.sdk(key, **kwargs)
 
 
 def generate(

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
-import openai
 
 from .conftest import Proxy, RedisServer
 
@@ -52,7 +51,7 @@ def test_a_generation_costs_a_hold_and_a_settle(
 
     # The SDK's first attempt also claims its fingerprint for a retry to join: in the
     # same step as the hold. Its result is recorded after the answer was sent.
-    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
+    sdk = proxy.sdk(key, max_retries=0)
 
     def first_attempt() -> None:
         raw = sdk.images.with_raw_response.generate(prompt="y", response_format="url")

@@ -7,6 +7,7 @@ Each test starts its own redis-server (or cluster) and fake upstream, then sever
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -160,22 +161,22 @@ def test_killed_replica_hold_expires_as_uncertain_spend(
     doomed, survivor = proxy_process(env), proxy_process(env)
     key, _ = create_key(survivor, concurrency=1, daily_usd=0.30)
     headers = {"authorization": f"Bearer {key}"}
-    client = httpx.Client(timeout=30)
     body = {"prompt": "[fake:latency=30] slow"}
-
-    import threading
-
-    threading.Thread(
-        target=lambda: _ignore_errors(
-            lambda: client.post(doomed.url + "/v1/images/generations", json=body, headers=headers)
-        ),
-        daemon=True,
-    ).start()
-    deadline = time.monotonic() + 10
-    while not billing(upstream)["requests"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    doomed.kill()
+    with httpx.Client(timeout=30) as client:
+        doomed_call = threading.Thread(
+            target=lambda: _ignore_errors(
+                lambda: client.post(
+                    doomed.url + "/v1/images/generations", json=body, headers=headers
+                )
+            ),
+        )
+        doomed_call.start()
+        deadline = time.monotonic() + 10
+        while not billing(upstream)["requests"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        doomed.kill()
+        doomed_call.join(10)
 
     blocked = httpx.post(
         survivor.url + "/v1/images/generations", json={"prompt": "x"}, headers=headers
@@ -244,8 +245,8 @@ def test_sdk_retry_after_timeout_joins_the_first_call(
     url = "memory://" if store == "memory" else redis_server.url
     proxy = proxy_process(replica_env(url, upstream))
     key, _ = create_key(proxy)
-    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, timeout=1.0, max_retries=2)
-    raw = sdk.images.with_raw_response.generate(prompt="[fake:latency=2.5] a slow picture")
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, timeout=1.0, max_retries=2) as sdk:
+        raw = sdk.images.with_raw_response.generate(prompt="[fake:latency=2.5] a slow picture")
     result = raw.parse()
     assert result.data and result.data[0].b64_json
     assert raw.headers.get("x-proxy-replay") == "sdk_retry"

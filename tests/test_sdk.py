@@ -15,7 +15,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def client(proxy: Proxy, key: str, **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0, **kwargs)
+    return proxy.sdk(key, max_retries=0, **kwargs)
 
 
 def test_generate_with_unicode_size_sends_ascii_x(proxy: Proxy, fake: Any) -> None:

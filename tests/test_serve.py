@@ -127,10 +127,10 @@ def test_first_minute_runs_the_readme_example(
     # The README's example, word for word but for the file it writes.
     monkeypatch.setenv("OPENAI_API_KEY", key)
     monkeypatch.setenv("OPENAI_BASE_URL", exports["OPENAI_BASE_URL"])
-    client = openai.OpenAI()  # reads OPENAI_API_KEY and OPENAI_BASE_URL
-    result = client.images.generate(
-        model="gpt-image-2-vip", prompt="a lighthouse at dawn", size="2048x1152"
-    )
+    with openai.OpenAI() as client:  # reads OPENAI_API_KEY and OPENAI_BASE_URL
+        result = client.images.generate(
+            model="gpt-image-2-vip", prompt="a lighthouse at dawn", size="2048x1152"
+        )
     assert result.data is not None
     png = base64.b64decode(result.data[0].b64_json or "")
     assert png.startswith(PNG)
