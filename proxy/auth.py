@@ -7,6 +7,8 @@ atomically, so a revoked key is refused there even while a stale copy is cached.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hmac
 import time
 from collections import OrderedDict
@@ -52,6 +54,7 @@ class Authenticator:
         self._hasher = hasher
         self._ttl = settings.auth.key_cache_seconds
         self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
+        self._fetches: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
     async def authenticate(self, headers: Mapping[str, str]) -> Caller:
         token = bearer_token(headers)
@@ -73,10 +76,27 @@ class Authenticator:
         cached = self._cache.get(key_hash)
         if cached is not None and cached[0] > now:
             return cached[1]
+        # One store read per key however many requests arrive for it at once (a burst
+        # on a cold cache would otherwise queue for the store and time out), in a task
+        # of its own so that one caller going away does not fail the others.
+        fetch = self._fetches.get(key_hash)
+        if fetch is None:
+            fetch = asyncio.create_task(self._fetch(key_hash))
+            self._fetches[key_hash] = fetch
+            fetch.add_done_callback(functools.partial(self._fetched, key_hash))
+        return await asyncio.shield(fetch)
+
+    async def _fetch(self, key_hash: str) -> KeyRecord | None:
         record = await self._ledger.call("key", lambda: self._ledger.store.key_by_hash(key_hash))
         if record is not None:
-            self._remember(key_hash, record, now)
+            self._remember(key_hash, record, time.monotonic())
         return record
+
+    def _fetched(self, key_hash: str, fetch: asyncio.Task[KeyRecord | None]) -> None:
+        if self._fetches.get(key_hash) is fetch:
+            del self._fetches[key_hash]
+        if not fetch.cancelled():
+            fetch.exception()  # retrieved here too, in case every caller went away
 
     def _remember(self, key_hash: str, record: KeyRecord, now: float) -> None:
         self._cache[key_hash] = (now + self._ttl, record)

@@ -12,16 +12,24 @@ from .conftest import Proxy, RedisServer
 
 
 def count_commands(proxy: Proxy) -> list[str]:
-    """Record every command the proxy's Redis client sends (one round trip each)."""
-    client = proxy.services.ledger.store.r
+    """Record every command the proxy sends to Redis (one round trip each), through
+    redis-py and through the scripts' own connection."""
+    store = proxy.services.ledger.store
     sent: list[str] = []
-    original = client.execute_command
+    for client in (store.r, store._scripts):
+        original = client.execute_command if client is store.r else client.execute
 
-    async def counting(*args: Any, **options: Any) -> Any:
-        sent.append(str(args[0]).lower())
-        return await original(*args, **options)
+        def counting(original: Any = original) -> Any:
+            async def call(*args: Any, **options: Any) -> Any:
+                sent.append(str(args[0]).lower())
+                return await original(*args, **options)
 
-    client.execute_command = counting
+            return call
+
+        if client is store.r:
+            client.execute_command = counting()
+        else:
+            client.execute = counting()
     return sent
 
 

@@ -18,7 +18,9 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:groups, apiyi:teams       sets   for listing and the expiry sweep
 
 The money steps are the Lua scripts in ``proxy/lua`` (``common.lua`` prepended),
-loaded once and called by EVALSHA; every call is one round trip.
+loaded once and called by EVALSHA; every call is one round trip. On a single-node
+store they go over one pipelined connection of their own (``resp.py``); everything
+else, and clusters and sentinels, use redis-py.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from .base import (
     group_of,
     hold_group,
 )
+from .resp import MultiplexedConnection
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -117,10 +120,18 @@ def connect(url: str, settings: StoreSettings, *, decode: bool = True) -> Any:
 
 
 class RedisStore(Store):
-    def __init__(self, client: Any, prefix: str = "apiyi", max_connections: int = 64) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str = "apiyi",
+        max_connections: int = 64,
+        scripts: MultiplexedConnection | None = None,
+    ) -> None:
         self.r = client
         self.p = prefix
         self.slots = asyncio.Semaphore(max_connections)
+        # The money scripts' own connection (single-node stores); else redis-py's.
+        self._scripts = scripts
         self._reserve = client.register_script(load_script("reserve"))
         self._settle = client.register_script(load_script("settle"))
         self._expire = client.register_script(load_script("expire"))
@@ -130,7 +141,25 @@ class RedisStore(Store):
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
-        return cls(connect(settings.url, settings), settings.key_prefix, settings.max_connections)
+        scheme = settings.url.partition("://")[0]
+        scripts = (
+            MultiplexedConnection(settings.url, settings.timeout_seconds)
+            if scheme in ("redis", "rediss")
+            else None
+        )
+        return cls(
+            connect(settings.url, settings), settings.key_prefix, settings.max_connections, scripts
+        )
+
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """One script call, one round trip."""
+        if self._scripts is not None:
+            return await self._scripts.evalsha(script.sha, script.script, keys, args)
+        async with self.slots:
+            try:
+                return await script(keys=keys, args=args)
+            except (RedisError, OSError) as exc:
+                raise StoreError(f"{type(exc).__name__}: {exc}") from exc
 
     def _base(self, group: str) -> str:
         return f"{self.p}:{{{group}}}:"
@@ -222,7 +251,6 @@ class RedisStore(Store):
         return [t for t in teams if t is not None]
 
     # ledger ------------------------------------------------------------------
-    @_translated
     async def reserve(self, request: HoldRequest) -> Reservation:
         group = group_of(request.key_id, request.team)
         base = self._base(group)
@@ -242,7 +270,7 @@ class RedisStore(Store):
             record = self._idem_key(c.scope)
             gone = f"{record}:gone:{c.owner}"
             args += [record, gone, c.fingerprint, int(c.ttl_seconds * 1000), c.owner]
-        answer = await self._reserve(keys=[base + "key:" + request.key_id], args=args)
+        answer = await self._run(self._reserve, [base + "key:" + request.key_id], args)
         if answer[0] != "ok":
             retry_ms = int(answer[1]) if len(answer) > 1 else None
             return Reservation(
@@ -252,24 +280,27 @@ class RedisStore(Store):
         remaining = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Reservation(team_remaining=remaining or None, claimed=answer[2] == 1)
 
-    @_translated
     async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
         base = self._base(hold_group(hold_id))
-        done = await self._settle(
-            keys=[base + "hold:" + hold_id], args=[base, hold_id, spent, uncertain]
+        done = await self._run(
+            self._settle, [base + "hold:" + hold_id], [base, hold_id, spent, uncertain]
         )
         return bool(done)
 
     async def release(self, hold_id: str) -> bool:
         return await self.settle(hold_id, 0)  # one step: settle takes the slot
 
-    @_translated
     async def expire_holds(self) -> int:
         total = 0
-        for group in await self.r.smembers(f"{self.p}:groups"):
+        for group in await self._groups_listed():
             base = self._base(group)
-            total += int(await self._expire(keys=[base + "holds"], args=[base, EXPIRE_BATCH]))
+            total += int(await self._run(self._expire, [base + "holds"], [base, EXPIRE_BATCH]))
         return total
+
+    @_translated
+    async def _groups_listed(self) -> set[str]:
+        groups: set[str] = await self.r.smembers(f"{self.p}:groups")
+        return groups
 
     @_translated
     async def tally(self, scope: str, name: str, period: str) -> Tally:
@@ -303,7 +334,6 @@ class RedisStore(Store):
     def _idem_key(self, scope: str) -> str:
         return self._base(hold_group(scope)) + "idem:" + scope
 
-    @_translated
     async def idem_begin(
         self,
         scope: str,
@@ -314,9 +344,10 @@ class RedisStore(Store):
         join_only: bool = False,
     ) -> IdemRecord:
         key = self._idem_key(scope)
-        answer = await self._idem_begin(
-            keys=[key, f"{key}:gone:{owner}"],
-            args=[fingerprint, int(ttl_seconds * 1000), "1" if join_only else "0", owner],
+        answer = await self._run(
+            self._idem_begin,
+            [key, f"{key}:gone:{owner}"],
+            [fingerprint, int(ttl_seconds * 1000), "1" if join_only else "0", owner],
         )
         state = IdemState(answer[0])
         if state in (IdemState.NEW, IdemState.MISMATCH, IdemState.IN_FLIGHT):
@@ -338,11 +369,12 @@ class RedisStore(Store):
         )
         await self.r.pexpire(key, int(ttl_seconds * 1000))
 
-    @_translated
     async def idem_abandon(self, scope: str, owner: str, ttl_seconds: float) -> None:
         key = self._idem_key(scope)
-        await self._idem_abandon(
-            keys=[key, f"{key}:gone:{owner}"], args=[owner, max(1, int(ttl_seconds * 1000))]
+        await self._run(
+            self._idem_abandon,
+            [key, f"{key}:gone:{owner}"],
+            [owner, max(1, int(ttl_seconds * 1000))],
         )
 
     # life --------------------------------------------------------------------
@@ -358,6 +390,8 @@ class RedisStore(Store):
         await self.r.ping()
 
     async def close(self) -> None:
+        if self._scripts is not None:
+            await self._scripts.close()
         await self.r.aclose()
         # A sentinel-managed client does not close its connections to the sentinels.
         manager = getattr(getattr(self.r, "connection_pool", None), "sentinel_manager", None)
