@@ -292,7 +292,7 @@ class RedisServer:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s,
             ):
                 s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
+                if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):  # up, maybe with a password
                     return
             time.sleep(0.02)
         raise RuntimeError("redis-server did not start")
