@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admin import Admin, error_response, json_response
 from .auth import Authenticator
@@ -139,7 +139,37 @@ def create_app(
         exception_handlers={404: _not_found, 405: _not_allowed},
     )
     app.state.services = services
-    return ExchangeMiddleware(app, metrics, settings.log.access_log)
+    image_routes: dict[str, ASGIApp] = {
+        path: endpoint
+        for path, endpoint in (
+            ("/v1/images/generations", generations),
+            ("/images/generations", generations),
+            ("/v1/images/edits", edits),
+            ("/images/edits", edits),
+        )
+    }
+    return ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, settings.log.access_log)
+
+
+class ImageRoutes:
+    """POSTs to the image routes go straight to their endpoints.
+
+    They are plain ASGI apps that answer their own errors, so the router and the
+    exception middlewares in front of every other route would only cost time on
+    the request path. Everything else, the lifespan included, goes to ``app``.
+    """
+
+    def __init__(self, app: ASGIApp, endpoints: dict[str, ASGIApp]) -> None:
+        self.app = app
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self.endpoints.get(scope["path"])
+            if endpoint is not None:
+                await endpoint(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _model_list(settings: Settings) -> dict[str, Any]:

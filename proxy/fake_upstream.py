@@ -11,7 +11,8 @@ Faults and sizes are chosen per request by directives in the prompt (they pass t
 the proxy untouched): ``[fake:latency=S]``, ``[fake:image-bytes=N]``, ``[fake:timeout]``
 (billed, never answers), ``[fake:reset]`` (billed, connection dropped), ``[fake:500]``,
 ``[fake:429]``, ``[fake:quota]``, ``[fake:moderation]``, ``[fake:error200]`` (a 200
-carrying an error), ``[fake:no-created]``. ``fail_rate`` injects the same faults at
+carrying an error), ``[fake:no-created]``, ``[fake:cut=N]`` (billed, a 200 whose body
+breaks off after N bytes). ``fail_rate`` injects the same faults at
 random. Its size table is its own copy, deliberately independent of the proxy's.
 """
 
@@ -286,7 +287,38 @@ async def _generate(
         await _drop_connection(request)
     size = int(float(directives.get("image-bytes") or fake.image_bytes or 0))
     omit_created = "no-created" in directives or body["model"] == "gpt-image-2-all"
-    return _answer(fake, body, size, omit_created)
+    answer = _answer(fake, body, size, omit_created)
+    if "cut" in directives:
+        return _cut(request, answer, int(float(directives["cut"] or 0)))
+    return answer
+
+
+def _cut(request: Request, answer: Response, after: int) -> Response:
+    """A 200 whose body breaks off after ``after`` bytes: the connection is dropped."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        sent = 0
+        chunks = answer.body_iterator if isinstance(answer, StreamingResponse) else [answer.body]
+        async for chunk in _aiter(chunks):
+            part = bytes(chunk)[: after - sent]
+            if part:
+                yield part
+                sent += len(part)
+            if sent >= after:
+                break
+        await asyncio.sleep(0.05)  # let the bytes leave before the connection dies
+        await _drop_connection(request)
+
+    return StreamingResponse(stream(), media_type="application/json")
+
+
+async def _aiter(chunks: Any) -> AsyncIterator[Any]:
+    if hasattr(chunks, "__aiter__"):
+        async for chunk in chunks:
+            yield chunk
+    else:
+        for chunk in chunks:
+            yield chunk
 
 
 def _answer(fake: FakeUpstream, body: dict[str, Any], size: int, omit_created: bool) -> Response:

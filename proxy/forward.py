@@ -29,35 +29,72 @@ from .upstream import TransportError, UpstreamClient, UpstreamResponse
 from .upstream_errors import upstream_error
 
 ERROR_BODY_LIMIT = 64 * 1024
+HOLD_BYTES = 64 * 1024
 Body = tuple[bytes | AsyncIterator[bytes], dict[str, str]]
 BodyFactory = Callable[[], Body]
 
 
 class Responder:
-    """Sends one streamed 200 answer, copying it to a capture for replay if asked."""
+    """Sends one 200 answer, copying it to a capture for replay if asked.
+
+    Up to ``hold_bytes`` of body are held back: an answer that ends within them (a
+    URL, a small image) leaves in one write with a ``content-length``, and one that
+    fails within them can still be answered with an error. Past them it streams.
+    """
 
     def __init__(
-        self, send: Send, headers: list[tuple[bytes, bytes]], capture: Capture | None
+        self,
+        send: Send,
+        headers: list[tuple[bytes, bytes]],
+        capture: Capture | None,
+        hold_bytes: int = HOLD_BYTES,
     ) -> None:
         self._send = send
         self.headers = headers
         self._capture = capture
+        self._hold_bytes = hold_bytes
+        self._pending: list[bytes] = []
+        self._pending_size = 0
         self.started = False
 
     async def body(self, chunk: bytes) -> None:
-        if not self.started:
+        if not chunk:
+            return
+        if self._capture is not None:
+            self._capture.write(chunk)
+        if self.started:
+            await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+            return
+        self._pending.append(chunk)
+        self._pending_size += len(chunk)
+        if self._pending_size > self._hold_bytes:
             self.started = True
             await self._send(
                 {"type": "http.response.start", "status": 200, "headers": self.headers}
             )
-        if chunk:
-            if self._capture is not None:
-                self._capture.write(chunk)
-            await self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self._send(
+                {"type": "http.response.body", "body": self._take(), "more_body": True}
+            )
 
     async def finish(self, chunk: bytes) -> None:
-        await self.body(chunk)
-        await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self._capture is not None and chunk:
+            self._capture.write(chunk)
+        if not self.started:
+            self.started = True
+            body = self._take() + chunk
+            length = (b"content-length", str(len(body)).encode())
+            await self._send(
+                {"type": "http.response.start", "status": 200, "headers": [*self.headers, length]}
+            )
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            return
+        await self._send({"type": "http.response.body", "body": chunk, "more_body": False})
+
+    def _take(self) -> bytes:
+        body = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        return body
 
 
 @dataclass
@@ -151,10 +188,15 @@ class Forwarder:
                     await responder.body(out)
             tail = rewriter.finish()
         except UpstreamBodyError as exc:
-            if responder.started:
+            if rewriter.decided:
+                # The images began: the image was made and billed, its answer broke off.
                 self._count(call, 1, rewriter.images)
                 await hold.settle(hold.amount)
-                return "malformed"
+                if responder.started:
+                    return "malformed"
+                raise UpstreamFailed(
+                    "The upstream's answer broke off mid-image.", code="upstream_malformed"
+                ) from None
             # A 200 that carries an error object did not produce (or bill) an image.
             await hold.release()
             detail = exc.reason if exc.error is None else str(exc.error.get("message", ""))

@@ -96,6 +96,8 @@ class Ledger:
         self._store_back = asyncio.Event()
         self._fallback = MemoryStore() if settings.store.on_error == "open" else None
         self._tasks: list[asyncio.Task[None]] = []
+        self._periods_second = -1
+        self._periods = Periods("", "")
 
     # store calls ---------------------------------------------------------------------
     async def call(self, operation: str, step: Callable[[], Awaitable[T]]) -> T:
@@ -117,8 +119,13 @@ class Ledger:
         return result
 
     def periods(self, now: float | None = None) -> Periods:
-        moment = datetime.fromtimestamp(time.time() if now is None else now, self._zone)
-        return Periods(day=moment.strftime("%Y-%m-%d"), month=moment.strftime("%Y-%m"))
+        now = time.time() if now is None else now
+        second = int(now)
+        if second != self._periods_second:  # the same answer all through one second
+            moment = datetime.fromtimestamp(second, self._zone)
+            self._periods = Periods(day=moment.strftime("%Y-%m-%d"), month=moment.strftime("%Y-%m"))
+            self._periods_second = second
+        return self._periods
 
     # holds ---------------------------------------------------------------------------
     async def hold(

@@ -143,7 +143,10 @@ class Proxy:
 
     @property
     def services(self) -> Any:
-        return self.app.app.state.services
+        app = self.app
+        while not hasattr(app, "state"):  # through the ASGI layers to the Starlette app
+            app = app.app
+        return app.state.services
 
     def admin(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}

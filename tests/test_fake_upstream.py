@@ -351,6 +351,23 @@ def test_reset_is_billed_and_drops_the_connection(http: httpx.Client, fake: Fake
     assert [(r["outcome"], r["billed"]) for r in log["requests"]] == [("reset", True)]
 
 
+def test_cut_is_billed_and_breaks_off_a_200(http: httpx.Client, fake: Fake) -> None:
+    received = bytearray()
+    body = vip(prompt="[fake:cut=150] x", response_format="b64_json")
+    headers = {"authorization": f"Bearer {UPSTREAM_KEY}"}
+    url = fake[1].url + "/v1/images/generations"
+    with (
+        pytest.raises(httpx.RemoteProtocolError),
+        http.stream("POST", url, json=body, headers=headers) as response,
+    ):
+        assert response.status_code == 200  # the status comes, then the body breaks off
+        for chunk in response.iter_bytes():
+            received += chunk
+    assert len(received) == 150
+    assert received.startswith(b'{"created":')
+    assert billing(fake[1])["images_billed"] == 1
+
+
 def outcomes(http: httpx.Client, fake: FakeUpstream, count: int, workers: int = 1) -> list[str]:
     with ThreadServer(create_fake_app(fake)) as server:
 

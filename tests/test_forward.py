@@ -145,6 +145,41 @@ def test_upstream_reset_is_502_and_kept_as_uncertain(proxy: Proxy, fake: Fake) -
     assert_money(proxy, key, spent=PRICE, uncertain=PRICE)
 
 
+def test_small_answer_leaves_whole_with_its_length(proxy: Proxy) -> None:
+    response = generate_ok(proxy, proxy.new_key(), "a small answer")
+    assert response.headers["content-length"] == str(len(response.content))
+    assert "transfer-encoding" not in response.headers
+    assert response.json()["data"][0]["url"].startswith("https://")
+
+
+def b64_request(proxy: Proxy, key: str, prompt: str) -> httpx.Response:
+    return httpx.post(
+        proxy.url + GENERATIONS,
+        json={"prompt": prompt, "response_format": "b64_json"},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+
+def test_answer_broken_off_early_is_502_and_spent(proxy: Proxy, fake: Fake) -> None:
+    # The 200 came and the image began, so it was made and billed; nothing had reached
+    # the client yet, so it gets an error rather than a cut-off body.
+    key = proxy.new_key()
+    response = b64_request(proxy, key, "[fake:image-bytes=300000] [fake:cut=2000] x")
+    assert_error(response, 502, "upstream_error", "upstream_connection_lost")
+    assert billing(fake[1])["images_billed"] == 1
+    assert_money(proxy, key, spent=PRICE)
+
+
+def test_answer_broken_off_late_cuts_the_stream_and_is_spent(proxy: Proxy, fake: Fake) -> None:
+    key = proxy.new_key()
+    with pytest.raises(httpx.RemoteProtocolError):
+        b64_request(proxy, key, "[fake:image-bytes=3000000] [fake:cut=1000000] x")
+    assert billing(fake[1])["images_billed"] == 1
+    wait_for(lambda: usage(proxy, key)["held_usd"] == 0)
+    assert_money(proxy, key, spent=PRICE)
+
+
 def test_unreachable_upstream_is_502_and_released(start_proxy: Callable[..., Proxy]) -> None:
     closed = free_port()  # nothing listens here: the connection is refused
     proxy = start_proxy(f"http://127.0.0.1:{closed}")

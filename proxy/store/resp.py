@@ -4,7 +4,8 @@ Every request runs two Lua scripts (reserve, settle). Through redis-py's client,
 and retry layers one such call costs about 80 µs of CPU; written straight onto one
 pipelined connection and parsed by hiredis it costs about 13 µs. Redis answers the
 commands of one connection in order, so a queue of futures pairs each reply with its
-caller and a single connection carries every concurrent request, with no pool.
+caller and a single connection carries every concurrent request, with no pool; the
+commands issued in one turn of the event loop leave in one write.
 
 Used for single-node ``redis://`` and ``rediss://`` stores; clusters and sentinels
 keep redis-py's routing. Errors leave as ``StoreError``. A caller that stops waiting
@@ -49,6 +50,12 @@ class _Protocol(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
+        self.outgoing: list[bytes] = []
+
+    def flush(self) -> None:
+        if self.outgoing and self.transport is not None and self.lost is None:
+            self.transport.write(b"".join(self.outgoing))
+        self.outgoing.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -115,10 +122,13 @@ class MultiplexedConnection:
     def _send(self, protocol: _Protocol, args: Sequence[str | int | bytes]) -> asyncio.Future[Any]:
         if len(protocol.waiting) >= MAX_PENDING:
             raise StoreError("redis is not answering (too many commands waiting)")
-        assert protocol.transport is not None
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
-        protocol.transport.write(pack(args))
+        # Commands issued in the same turn of the loop leave in one write.
+        if not protocol.outgoing:
+            loop.call_soon(protocol.flush)
+        protocol.outgoing.append(pack(args))
         return future
 
     async def execute(self, *args: str | int | bytes) -> Any:
