@@ -17,9 +17,21 @@ class ClientGone(Exception):
     """The client disconnected before its request body arrived."""
 
 
-def header_map(scope: Scope) -> dict[str, str]:
-    """Request headers by lower-case name (the last of repeated names wins)."""
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+# The request headers the image routes read; the rest are not kept for the call.
+IMAGE_HEADERS = frozenset(
+    {
+        b"authorization",
+        b"content-length",
+        b"content-type",
+        b"idempotency-key",
+        b"x-stainless-retry-count",
+    }
+)
+
+
+def header_map(scope: Scope, names: frozenset[bytes] = IMAGE_HEADERS) -> dict[str, str]:
+    """The request headers in ``names``, by lower-case name (the last repeated one wins)."""
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in names}
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
