@@ -146,6 +146,8 @@ class StoreUnavailable(ProxyError):
     type = "service_unavailable"
     default_code = "store_unavailable"
     should_retry = True
+    # False when the failed step surely never reached the store; nothing to undo then.
+    maybe_applied = True
 
 
 class UpstreamFailed(ProxyError):

@@ -131,12 +131,12 @@ class Idempotency:
         )
         try:
             return await self._ledger.call("idempotency", claim)
-        except StoreUnavailable:
+        except StoreUnavailable as error:
             # The claim may still land after we stopped waiting: abandon it once the
             # store answers, or a retry of this very call would wait on a ghost.
-            self._ledger.write_later(
-                f"idem:{scope}:{owner}", "idempotency", self._abandon_step(scope, owner)
-            )
+            if error.maybe_applied:
+                step = self._abandon_step(scope, owner)
+                self._ledger.write_later(f"idem:{scope}:{owner}", "idempotency", step)
             raise
 
     def _abandon_step(self, scope: str, owner: str) -> Callable[[], Awaitable[None]]:

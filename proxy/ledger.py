@@ -44,6 +44,7 @@ SETTLE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 SWEEP_SECONDS = 5.0
 BUDGET_REFRESH_SWEEPS = 6  # every 30 s
 MAX_QUEUED_RELEASES = 100_000
+FLUSH_BATCH = 64  # queued steps written at once, pipelined
 
 
 class Hold:
@@ -109,9 +110,11 @@ class Ledger:
         except (StoreError, TimeoutError, OSError) as exc:
             self._metrics.store_errors.labels(operation).inc()
             log.warning("store %s failed: %s", operation, type(exc).__name__)
-            raise StoreUnavailable(
+            error = StoreUnavailable(
                 "The proxy's budget store is unavailable; try again shortly.", retry_after=2
-            ) from exc
+            )
+            error.maybe_applied = getattr(exc, "maybe_applied", True)
+            raise error from exc
         finally:
             self._metrics.store_seconds.labels(operation).observe(time.perf_counter() - started)
         if self._unwritten:
@@ -146,13 +149,14 @@ class Ledger:
         store = self.store
         try:
             reservation = await self.call("reserve", lambda: store.reserve(request))
-        except StoreUnavailable:
+        except StoreUnavailable as error:
             # The reserve may still reach the store after we stopped waiting for it:
             # release its id until that is written, so no phantom hold is left behind.
-            self.write_later(
-                request.hold_id, "settle", functools.partial(store.release, request.hold_id)
-            )
-            if claim is not None:
+            if error.maybe_applied:
+                self.write_later(
+                    request.hold_id, "settle", functools.partial(store.release, request.hold_id)
+                )
+            if claim is not None and error.maybe_applied:
                 abandon = functools.partial(
                     store.idem_abandon, claim.scope, claim.owner, claim.ttl_seconds
                 )
@@ -231,13 +235,21 @@ class Ledger:
             attempt += 1
 
     async def _flush(self) -> bool:
-        """Write what is queued, in order, until the store fails; True if all was."""
-        for ref, (operation, step) in list(self._unwritten.items()):
-            try:
-                await self.call(operation, step)
-            except ProxyError:
+        """Write what is queued, a batch at a time, until the store fails; True if all was."""
+        queued = list(self._unwritten.items())
+        for start in range(0, len(queued), FLUSH_BATCH):
+            batch = queued[start : start + FLUSH_BATCH]
+            results = await asyncio.gather(
+                *(self.call(operation, step) for _, (operation, step) in batch),
+                return_exceptions=True,
+            )
+            for (ref, _), result in zip(batch, results, strict=True):
+                if isinstance(result, BaseException) and not isinstance(result, ProxyError):
+                    raise result
+                if not isinstance(result, BaseException):
+                    self._unwritten.pop(ref, None)
+            if any(isinstance(result, ProxyError) for result in results):
                 return False
-            self._unwritten.pop(ref, None)
         return True
 
     # background ----------------------------------------------------------------------

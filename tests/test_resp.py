@@ -113,3 +113,26 @@ async def test_a_stalled_server_is_refused_past_the_queue_cap(
     finally:
         redis_server.resume()
         await conn.close()
+
+
+async def test_a_stalled_server_is_refused_at_once_past_the_timeout(
+    redis_server: RedisServer,
+) -> None:
+    loop = asyncio.get_running_loop()
+    conn = MultiplexedConnection(redis_server.url, 0.2)
+    try:
+        await conn.execute("PING")
+        redis_server.pause()
+        first = asyncio.ensure_future(conn.execute("PING"))
+        await asyncio.sleep(0.3)  # the oldest command is now past the store timeout
+        started = loop.time()
+        with pytest.raises(StoreError, match="not answering") as refused:
+            await conn.execute("PING")
+        assert loop.time() - started < 0.05
+        assert not refused.value.maybe_applied  # never sent: nothing to undo
+        redis_server.resume()
+        assert await first == "PONG"
+        assert await conn.execute("PING") == "PONG"
+    finally:
+        redis_server.resume()
+        await conn.close()

@@ -208,7 +208,15 @@ def hold_group(ref: str) -> str:
 
 
 class StoreError(Exception):
-    """The store could not be reached or answered wrongly; the caller fails closed."""
+    """The store could not be reached or answered wrongly; the caller fails closed.
+
+    ``maybe_applied`` is False only when the step surely never reached the store (no
+    connection, or refused before sending): nothing then needs undoing.
+    """
+
+    def __init__(self, message: str, *, maybe_applied: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class Store(abc.ABC):

@@ -10,7 +10,8 @@ commands issued in one turn of the event loop leave in one write.
 Used for single-node ``redis://`` and ``rediss://`` stores; clusters and sentinels
 keep redis-py's routing. Errors leave as ``StoreError``. A caller that stops waiting
 (the store timeout) leaves its slot in the queue, and the late reply is dropped; the
-ledger then treats the step as possibly applied (see ``Ledger.hold``).
+ledger then treats the step as possibly applied (see ``Ledger.hold``). While the oldest
+command has gone unanswered past the store timeout, new commands are refused at once.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from .base import StoreError
 # Past this many commands without an answer the store is not keeping up: fail fast
 # instead of queueing without bound while it is stalled.
 MAX_PENDING = 20_000
+# A connection whose oldest command has waited this many stall bounds is given up.
+ABANDON_AFTER_STALLS = 10
 
 
 class ReplyError(Exception):
@@ -48,6 +51,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ReplyError)
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.sent_at: collections.deque[float] = collections.deque()  # one per waiting
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.outgoing: list[bytes] = []
@@ -64,11 +68,13 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             future = self.waiting.popleft()
+            self.sent_at.popleft()
             if not future.done():  # its caller may have stopped waiting
                 future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = exc or ConnectionResetError("redis closed the connection")
+        self.sent_at.clear()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -78,7 +84,7 @@ class _Protocol(asyncio.Protocol):
 class MultiplexedConnection:
     """Commands from any number of tasks, pipelined on one connection, opened lazily."""
 
-    def __init__(self, url: str, connect_timeout: float) -> None:
+    def __init__(self, url: str, timeout: float) -> None:
         parts = urlsplit(url)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
@@ -91,7 +97,9 @@ class MultiplexedConnection:
         db = parts.path.strip("/")
         if db and db != "0":
             self._setup.append(["SELECT", int(db)])
-        self._connect_timeout = connect_timeout
+        # The store timeout: bounds connecting, and how long the oldest command may go
+        # unanswered before the store counts as stalled.
+        self._timeout = timeout
         self._protocol: _Protocol | None = None
         self._opening: asyncio.Lock | None = None
 
@@ -106,7 +114,7 @@ class MultiplexedConnection:
                 return self._protocol
             loop = asyncio.get_running_loop()
             try:
-                async with asyncio.timeout(self._connect_timeout):
+                async with asyncio.timeout(self._timeout):
                     _, protocol = await loop.create_connection(
                         _Protocol, self._host, self._port, ssl=self._ssl
                     )
@@ -115,16 +123,28 @@ class MultiplexedConnection:
                             protocol.transport.close()  # type: ignore[union-attr]
                             raise StoreError("redis refused the connection setup (AUTH or SELECT)")
             except (OSError, TimeoutError) as exc:
-                raise StoreError(f"cannot connect: {type(exc).__name__}") from exc
+                raise StoreError(
+                    f"cannot connect: {type(exc).__name__}", maybe_applied=False
+                ) from exc
             self._protocol = protocol
             return protocol
 
     def _send(self, protocol: _Protocol, args: Sequence[str | int | bytes]) -> asyncio.Future[Any]:
-        if len(protocol.waiting) >= MAX_PENDING:
-            raise StoreError("redis is not answering (too many commands waiting)")
         loop = asyncio.get_running_loop()
+        now = loop.time()
+        if protocol.sent_at and now - protocol.sent_at[0] > self._timeout:
+            # Stalled: the oldest command is past the store timeout. Refuse at once
+            # rather than make every caller wait out the timeout too; give the
+            # connection up if it stays stalled, so a dead peer is not waited on forever.
+            if now - protocol.sent_at[0] > ABANDON_AFTER_STALLS * self._timeout:
+                assert protocol.transport is not None
+                protocol.transport.abort()
+            raise StoreError("redis is not answering", maybe_applied=False)
+        if len(protocol.waiting) >= MAX_PENDING:
+            raise StoreError("redis is not answering (too many waiting)", maybe_applied=False)
         future: asyncio.Future[Any] = loop.create_future()
         protocol.waiting.append(future)
+        protocol.sent_at.append(now)
         # Commands issued in the same turn of the loop leave in one write.
         if not protocol.outgoing:
             loop.call_soon(protocol.flush)
