@@ -18,6 +18,11 @@ from typing import Any
 
 from .config import UpstreamSettings
 
+# Bodies are read in pieces of at most this size, and at most about twice this is
+# buffered per call before reading pauses: a 20 MB image never sits in memory whole,
+# and pieces this small are reused by the allocator rather than grow the heap.
+READ_CHUNK = 64 * 1024
+
 
 class TransportError(Exception):
     """The upstream call failed below HTTP."""
@@ -85,7 +90,7 @@ class _AiohttpResponse(UpstreamResponse):
         import aiohttp
 
         try:
-            async for chunk in self._response.content.iter_any():
+            async for chunk in self._response.content.iter_chunked(READ_CHUNK):
                 yield chunk
         except TimeoutError as exc:
             raise TransportError(
@@ -116,6 +121,7 @@ class _AiohttpClient(UpstreamClient):
         )
         self._session = aiohttp.ClientSession(
             connector=connector,
+            read_bufsize=READ_CHUNK,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=s.connect_timeout, sock_read=s.read_timeout
