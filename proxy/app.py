@@ -24,6 +24,7 @@ from .idempotency import Idempotency
 from .images import ImagesEndpoint, Services
 from .keys import KeyHasher
 from .ledger import Ledger
+from .logs import AccessLog
 from .metrics import Metrics
 from .policy import RequestPolicy
 from .results import open_results
@@ -65,6 +66,7 @@ def create_app(
     generations = ImagesEndpoint(services, "generations")
     edits = ImagesEndpoint(services, "edits")
     model_list = _model_list(settings)
+    access_log = AccessLog(settings.log)
 
     async def models(request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/models"
@@ -132,6 +134,7 @@ def create_app(
             await upstream.close()
             await results.close()
             await store.close()
+            access_log.flush()
 
     app = Starlette(
         routes=routes,
@@ -148,7 +151,7 @@ def create_app(
             ("/images/edits", edits),
         )
     }
-    return ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, settings.log.access_log)
+    return ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, access_log)
 
 
 class ImageRoutes:

@@ -9,8 +9,8 @@ and writes one structured access-log line.
 from __future__ import annotations
 
 import logging
+import random
 import re
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ProxyError
 from .http import send_bytes
+from .logs import AccessLog
 from .metrics import Metrics, status_class
 
 log = logging.getLogger("apiyi_proxy.access")
@@ -89,16 +90,17 @@ def exchange_of(scope: Scope) -> Exchange:
 
 
 class ExchangeMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: bool = True) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self._ids = random.Random()  # request ids need to be unique, not unpredictable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id = _request_id(scope) or f"req_{self._ids.getrandbits(96):024x}"
         exchange = Exchange(request_id, scope["method"])
         scope.setdefault("state", {})["exchange"] = exchange
         id_header = (b"x-request-id", request_id.encode())
@@ -133,14 +135,15 @@ class ExchangeMiddleware:
             self.metrics.overhead_seconds.labels(ex.route).observe(
                 max(0.0, total - ex.upstream_seconds)
             )
-        if self.access_log:
-            log.info("request", extra={"access": ex.access_record(total)})
+        if self.access_log.enabled:
+            self.access_log.write(ex.access_record(total))
 
 
-def _request_id(scope: Scope) -> str:
+def _request_id(scope: Scope) -> str | None:
+    """The client's own request id, if it sent a sane one."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             candidate: str = value.decode("latin-1")
             if _REQUEST_ID.match(candidate):
                 return candidate
-    return "req_" + secrets.token_hex(12)
+    return None

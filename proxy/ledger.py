@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-import secrets
+import random
 import time
 import zoneinfo
 from collections.abc import Awaitable, Callable
@@ -98,6 +98,7 @@ class Ledger:
         self._fallback = MemoryStore() if settings.store.on_error == "open" else None
         self._tasks: list[asyncio.Task[None]] = []
         self._periods_second = -1
+        self._ids = random.Random()  # hold ids need to be unique, not unpredictable
         self._periods = Periods("", "")
 
     # store calls ---------------------------------------------------------------------
@@ -137,7 +138,7 @@ class Ledger:
         """Reserve ``amount`` for ``key`` (and take ``claim`` if it is free) or raise the
         refusal as an error."""
         request = HoldRequest(
-            hold_id=f"{secrets.token_hex(12)}@{group_of(key.id, key.team)}",
+            hold_id=f"{self._ids.getrandbits(96):024x}@{group_of(key.id, key.team)}",
             key_id=key.id,
             amount=amount,
             periods=self.periods(),

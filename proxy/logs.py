@@ -1,8 +1,17 @@
-"""Logging: one JSON object a line (or plain text), level and format from config."""
+"""Logging: one JSON object a line (or plain text), level and format from config.
+
+The access log, one line per request, is the one log on the request path: in JSON it
+is written by ``AccessLog`` straight to standard error in batches (at most a quarter
+second late, or 64 KiB at a time) instead of through ``logging``, whose record, lock
+and write per line cost about a sixth of a request's CPU. Its lines have the same
+shape as every other JSON log line.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -57,3 +66,60 @@ def setup(settings: LogSettings) -> None:
         logger.handlers[:] = [handler]
         logger.propagate = False
     logging.getLogger("uvicorn.access").disabled = True
+
+
+ACCESS_LOGGER = "apiyi_proxy.access"
+FLUSH_SECONDS = 0.25
+FLUSH_BYTES = 64 * 1024
+
+
+class AccessLog:
+    """Access lines as JSON, written to a file descriptor a batch at a time."""
+
+    def __init__(self, settings: LogSettings, fd: int | None = None) -> None:
+        level = logging.getLevelName(settings.level.upper())
+        self.enabled = settings.access_log and level <= logging.INFO
+        self._json = settings.format == "json"
+        self._fd = sys.stderr.fileno() if fd is None else fd
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, access: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if not self._json:  # plain text goes the ordinary way
+            logging.getLogger(ACCESS_LOGGER).info("request", extra={"access": access})
+            return
+        now = time.time()
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now))
+            + f".{int(now * 1000) % 1000:03d}Z",
+            "level": "info",
+            "logger": ACCESS_LOGGER,
+            "msg": "request",
+            **access,
+        }
+        line = orjson.dumps(entry, option=orjson.OPT_APPEND_NEWLINE)
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = b"".join(self._lines)
+        self._lines.clear()
+        self._size = 0
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            pass  # nowhere to write (a closed stream): the lines are lost, the call is not

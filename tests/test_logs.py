@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -12,7 +14,9 @@ import httpx
 import orjson
 import pytest
 
+from proxy.config import LogSettings
 from proxy.fake_upstream import FakeUpstream, create_fake_app
+from proxy.logs import FLUSH_SECONDS, AccessLog
 
 from .conftest import ADMIN_TOKEN, ROOT, UPSTREAM_KEY, ProxyProcess, RedisServer, ThreadServer
 
@@ -150,3 +154,26 @@ def test_no_secret_in_any_output(
 
 def proxy_url(proxy: ProxyProcess) -> str:
     return proxy.url
+
+
+def test_access_log_batches_lines_and_follows_level_and_switch() -> None:
+    read_end, write_end = os.pipe()
+    try:
+        log = AccessLog(LogSettings(), fd=write_end)
+
+        async def three_lines() -> None:
+            for n in range(3):
+                log.write({"request_id": f"req_{n}", "status": 200})
+            await asyncio.sleep(FLUSH_SECONDS * 2)  # the timer writes the batch
+
+        asyncio.run(three_lines())
+        lines = os.read(read_end, 65536).decode().splitlines()
+        entries = [orjson.loads(line) for line in lines]
+        assert [e["request_id"] for e in entries] == ["req_0", "req_1", "req_2"]
+        assert {e["logger"] for e in entries} == {"apiyi_proxy.access"}
+        assert all(e["ts"].endswith("Z") and e["level"] == "info" for e in entries)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert not AccessLog(LogSettings(level="warning")).enabled
+    assert not AccessLog(LogSettings(access_log=False)).enabled
