@@ -24,7 +24,7 @@ from .store import KeyRecord, Limits
 CACHE_ENTRIES = 10_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Caller:
     key: KeyRecord
     # The key sent upstream: the client's own in passthrough mode, else the proxy's.

@@ -26,7 +26,7 @@ log = logging.getLogger("apiyi_proxy.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
-@dataclass
+@dataclass(slots=True)  # one per request in flight: no per-instance dict
 class Exchange:
     request_id: str
     method: str

@@ -97,7 +97,7 @@ class Responder:
         return body
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One proxied request on its way upstream."""
 

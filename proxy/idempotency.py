@@ -39,7 +39,7 @@ POLL_SECONDS = (0.05, 0.1, 0.2, 0.25, 0.5)
 UNCERTAIN_STATUS = 504
 
 
-@dataclass
+@dataclass(slots=True)
 class Claim:
     """This request owns an idempotency scope until it finishes.
 

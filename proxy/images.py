@@ -45,7 +45,7 @@ class Services:
     idempotency: Idempotency
 
 
-@dataclass
+@dataclass(slots=True)
 class Admitted:
     """A request that passed parsing, auth and policy."""
 

@@ -50,6 +50,8 @@ FLUSH_BATCH = 64  # queued steps written at once, pipelined
 class Hold:
     """Money reserved for one request; resolved exactly once."""
 
+    __slots__ = ("_ledger", "amount", "claimed", "id", "model", "outcome", "store", "team")
+
     def __init__(
         self,
         ledger: Ledger,
@@ -106,8 +108,11 @@ class Ledger:
         """Run one store step within the store timeout; failures become 503."""
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self._timeout):
-                result = await step()
+            if self.store.in_process:
+                result = await step()  # nothing to wait for: no timer needed
+            else:
+                async with asyncio.timeout(self._timeout):
+                    result = await step()
         except (StoreError, TimeoutError, OSError) as exc:
             self._metrics.store_errors.labels(operation).inc()
             log.warning("store %s failed: %s", operation, type(exc).__name__)

@@ -222,6 +222,9 @@ class StoreError(Exception):
 class Store(abc.ABC):
     """Keys, teams, ledger and idempotency records behind one interface."""
 
+    # True for a store whose steps never wait on anything outside this process.
+    in_process = False
+
     # keys --------------------------------------------------------------------
     @abc.abstractmethod
     async def add_key(self, record: KeyRecord) -> None: ...

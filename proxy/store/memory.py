@@ -55,6 +55,8 @@ class _Hold:
 
 
 class MemoryStore(Store):
+    in_process = True
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._keys: dict[str, KeyRecord] = {}
