@@ -208,7 +208,12 @@ def _ignore_errors(call: Callable[[], Any]) -> None:
 def test_redis_paused_under_load_fails_fast_and_ledger_adds_up(
     redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
 ) -> None:
-    env = replica_env(redis_server.url, upstream, APIYI_PROXY_STORE__TIMEOUT_SECONDS="0.3")
+    env = replica_env(
+        redis_server.url,
+        upstream,
+        APIYI_PROXY_STORE__TIMEOUT_SECONDS="1",
+        APIYI_PROXY_AUTH__KEY_CACHE_SECONDS="0",  # every call asks the store for its key
+    )
     proxies = [proxy_process(env) for _ in range(2)]
     urls = [p.url for p in proxies]
     key, _ = create_key(proxies[0], daily_usd=100)
@@ -220,9 +225,14 @@ def test_redis_paused_under_load_fails_fast_and_ledger_adds_up(
         started = time.monotonic()
         during = asyncio.run(fire(urls, key, 40, seconds=10))
         elapsed = time.monotonic() - started
+        # The store is known to be stalled now: the next calls are refused at once.
+        started = time.monotonic()
+        during += asyncio.run(fire(urls, key, 20, seconds=10))
+        stalled = time.monotonic() - started
     finally:
         redis_server.resume()
-    assert elapsed < 3.0
+    assert elapsed < 1 + 2.0  # the store timeout, and time to spare on a busy machine
+    assert stalled < 0.6  # well under the 1 s store timeout
     assert all(r.status_code == 503 for r in during), [r.status_code for r in during]
     assert all(r.json()["error"]["code"] == "store_unavailable" for r in during)
     assert all(int(r.headers["retry-after"]) >= 1 for r in during)

@@ -137,6 +137,7 @@ class RedisStore(Store):
         self._expire = client.register_script(load_script("expire"))
         self._idem_begin = client.register_script(load_script("idem_begin"))
         self._idem_abandon = client.register_script(load_script("idem_abandon"))
+        self._key_lookup = client.register_script(load_script("key_lookup"))
         self._groups: dict[str, str] = {}
 
     @classmethod
@@ -175,8 +176,14 @@ class RedisStore(Store):
         await self.r.set(f"{self.p}:keyhash:{record.key_hash}", f"{group}|{record.id}")
         self._groups[record.id] = group
 
-    @_translated
     async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
+        if self._scripts is not None:  # one round trip on the scripts' connection
+            flat = await self._run(self._key_lookup, [f"{self.p}:keyhash:{key_hash}"], [self.p])
+            return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return await self._key_by_hash(key_hash)
+
+    @_translated
+    async def _key_by_hash(self, key_hash: str) -> KeyRecord | None:
         ref = await self.r.get(f"{self.p}:keyhash:{key_hash}")
         if not ref:
             return None
@@ -380,7 +387,14 @@ class RedisStore(Store):
     # life --------------------------------------------------------------------
     @_translated
     async def open(self) -> None:
-        scripts = (self._reserve, self._settle, self._expire, self._idem_begin, self._idem_abandon)
+        scripts = (
+            self._reserve,
+            self._settle,
+            self._expire,
+            self._idem_begin,
+            self._idem_abandon,
+            self._key_lookup,
+        )
         for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
             await self.r.script_load(script.script)
