@@ -16,20 +16,18 @@ def count_commands(proxy: Proxy) -> list[str]:
     redis-py and through the scripts' own connection."""
     store = proxy.services.ledger.store
     sent: list[str] = []
-    for client in (store.r, store._scripts):
-        original = client.execute_command if client is store.r else client.execute
 
-        def counting(original: Any = original) -> Any:
-            async def call(*args: Any, **options: Any) -> Any:
-                sent.append(str(args[0]).lower())
-                return await original(*args, **options)
+    def recording(client: Any, method: str) -> None:
+        original = getattr(client, method)
 
-            return call
+        async def call(*args: Any, **options: Any) -> Any:
+            sent.append(str(args[0]).lower())
+            return await original(*args, **options)
 
-        if client is store.r:
-            client.execute_command = counting()
-        else:
-            client.execute = counting()
+        setattr(client, method, call)
+
+    recording(store.r, "execute_command")
+    recording(store._scripts, "execute")
     return sent
 
 

@@ -34,8 +34,9 @@ MAX_PENDING = 20_000
 ABANDON_AFTER_STALLS = 10
 
 
-class ReplyError(Exception):
-    """An error reply from Redis (hiredis builds these)."""
+class ReplyError(StoreError):
+    """An error reply from Redis (hiredis builds these); the command was applied or not
+    as Redis says, so it counts as possibly applied."""
 
 
 def pack(args: Sequence[str | int | bytes]) -> bytes:
