@@ -66,6 +66,12 @@ def create_app(
     generations = ImagesEndpoint(services, "generations")
     edits = ImagesEndpoint(services, "edits")
     model_list = _model_list(settings)
+    image_routes: dict[str, ASGIApp] = {
+        "/v1/images/generations": generations,
+        "/images/generations": generations,
+        "/v1/images/edits": edits,
+        "/images/edits": edits,
+    }
     access_log = AccessLog(settings.log)
 
     async def models(request: Request) -> Response:
@@ -90,10 +96,8 @@ def create_app(
         return Response(body, media_type=content_type)
 
     routes: list[Any] = [
-        Route("/v1/images/generations", generations, methods=["POST"]),
-        Route("/images/generations", generations, methods=["POST"]),
-        Route("/v1/images/edits", edits, methods=["POST"]),
-        Route("/images/edits", edits, methods=["POST"]),
+        # Reached only by other methods (a 405): ImageRoutes takes the POSTs first.
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in image_routes.items()),
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
@@ -142,15 +146,6 @@ def create_app(
         exception_handlers={404: _not_found, 405: _not_allowed},
     )
     app.state.services = services
-    image_routes: dict[str, ASGIApp] = {
-        path: endpoint
-        for path, endpoint in (
-            ("/v1/images/generations", generations),
-            ("/images/generations", generations),
-            ("/v1/images/edits", edits),
-            ("/images/edits", edits),
-        )
-    }
     return ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, access_log)
 
 
