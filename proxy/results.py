@@ -48,7 +48,7 @@ class Capture:
 
     @property
     def complete(self) -> bool:
-        return self._file is not None and not self._discarded
+        return self._file is not None  # discarding closes it
 
     def chunks(self) -> AsyncIterator[bytes]:
         assert self._file is not None
