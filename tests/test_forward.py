@@ -369,7 +369,7 @@ def test_strip_sends_one_call_and_bills_once(fake: Fake, start_proxy: Callable[.
 
 # passthrough ---------------------------------------------------------------------------
 
-CLIENT_KEY = "sk-client-own-upstream-key-0123456789abcdef"
+CLIENT_KEY = "client-own-upstream-key-for-tests-0123456789"
 
 
 class HeaderLog:
@@ -403,7 +403,7 @@ def test_passthrough_forwards_the_client_key_and_meters_it(
     assert _images(result)[0].startswith(PNG)
     assert [r["authorization"] for r in log.requests] == [f"Bearer {CLIENT_KEY}"]
 
-    wrong = "sk-someone-else-entirely-0123456789abcdef"
+    wrong = "someone-elses-upstream-key-for-tests-0123456789"
     with pytest.raises(openai.AuthenticationError) as info:
         sdk(proxy, wrong).images.generate(prompt="theirs")
     assert info.value.status_code == 401
