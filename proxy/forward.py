@@ -1,10 +1,9 @@
 """The upstream call and its answer: one call, or ``n`` in parallel (fanout).
 
-Each path resolves the hold exactly once: released when the upstream certainly did
-not bill (unreachable, a 4xx/5xx answer, a 200 that carries an error), kept as spend
-when an image was produced, kept as *uncertain* spend when the call may have been
-billed but we cannot know (timeouts, lost connections). The last response byte is
-sent only after the ledger has the outcome, so a client's next call never races it.
+The forwarding code only reports what happened to each upstream call (an
+``Outcome``); ``money.charge`` decides what that costs, and the hold is settled
+with it exactly once. The last response byte is sent only after the ledger has the
+outcome, so a client's next call never races it.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from .errors import ProxyError, UpstreamFailed, UpstreamTimeout
 from .exchange import Exchange
 from .ledger import Hold
 from .metrics import Metrics
+from .money import Outcome, charge
 from .policy import Decision
 from .results import Capture
 from .rewrite import ImagesBodyRewriter, UpstreamBodyError
@@ -149,25 +149,39 @@ class Forwarder:
             headers.append((b"x-proxy-adjusted", adjusted.encode()))
         return headers
 
+    async def _settle(self, call: Call, outcomes: list[Outcome], returned: int) -> None:
+        """Settle the hold with what the calls' outcomes cost, and count the images."""
+        ex = call.exchange
+        cost = charge(outcomes, call.price)
+        ex.cost_micros, ex.uncertain_micros = cost.spent, cost.uncertain
+        # A 200 means the upstream made (and billed) an image, whatever became of it.
+        billed = sum(o in _ANSWERED_200 for o in outcomes)
+        ex.images_billed, ex.images_returned = billed, returned
+        model, team = call.decision.model, call.hold.team
+        self._metrics.images_billed.labels(model, team).inc(billed)
+        self._metrics.images_returned.labels(model, team).inc(returned)
+        await call.hold.settle(cost)
+
     # one call ------------------------------------------------------------------------
     async def single(self, call: Call, send: Send) -> None:
-        ex, hold = call.exchange, call.hold
+        ex = call.exchange
         started = time.perf_counter()
-        outcome = "ok"
+        outcome = Outcome.CRASH
         try:
             try:
                 response = await self._post(call)
             except TransportError as exc:
-                outcome = "timeout" if exc.timeout else "transport"
-                raise await _transport_failed(ex, hold, exc) from None
+                outcome = _sent_outcome(exc)
+                await self._settle(call, [outcome], 0)
+                raise _transport_error(outcome) from None
             ex.upstream_status = response.status
             try:
                 if response.status != 200:
                     # refused: the upstream said no to this request (moderation, quota,
-                    # a bad key); error: it failed to serve it.
-                    outcome = "refused" if response.status < 500 else "error"
+                    # a bad key); failed: it could not serve it.
+                    outcome = Outcome.REFUSED if response.status < 500 else Outcome.FAILED
                     raw = await _read_error(response)
-                    await hold.release()
+                    await self._settle(call, [outcome], 0)
                     raise self._error(call, response, raw)
                 outcome = await self._stream_one(call, response, send)
             finally:
@@ -175,11 +189,12 @@ class Forwarder:
         finally:
             ex.upstream_seconds = time.perf_counter() - started
             model = call.decision.model
-            self._metrics.upstream_seconds.labels(model, outcome).observe(ex.upstream_seconds)
+            self._metrics.upstream_seconds.labels(model, outcome.value).observe(ex.upstream_seconds)
 
-    async def _stream_one(self, call: Call, response: UpstreamResponse, send: Send) -> str:
-        ex, hold = call.exchange, call.hold
-        responder = Responder(send, self._headers(ex.adjusted), call.capture)
+    async def _stream_one(self, call: Call, response: UpstreamResponse, send: Send) -> Outcome:
+        """Stream a 200 to the client; returns its outcome, or raises the error to send
+        (the hold settled either way)."""
+        responder = Responder(send, self._headers(call.exchange.adjusted), call.capture)
         rewriter = ImagesBodyRewriter(strip_prefix=self._strip, created=int(time.time()))
         try:
             async for chunk in response.chunks():
@@ -187,103 +202,70 @@ class Forwarder:
                 if out:
                     await responder.body(out)
             tail = rewriter.finish()
-        except UpstreamBodyError as exc:
-            if rewriter.decided:
-                # The images began: the image was made and billed, its answer broke off.
-                self._count(call, 1, rewriter.images)
-                await hold.settle(hold.amount)
-                if responder.started:
-                    return "malformed"
-                raise UpstreamFailed(
-                    "The upstream's answer broke off mid-image.", code="upstream_malformed"
-                ) from None
-            # A 200 that carries an error object did not produce (or bill) an image.
-            await hold.release()
-            detail = exc.reason if exc.error is None else str(exc.error.get("message", ""))
-            raise UpstreamFailed(
-                f"The upstream answered 200 without an image ({detail[:200]})."
-            ) from None
-        except TransportError:
-            # The 200 came, so the image was made and billed; its bytes were lost.
-            self._count(call, 1, 0)
-            await hold.settle(hold.amount)
+        except (UpstreamBodyError, TransportError) as exc:
+            outcome = _broken_200(exc, rewriter.decided)
+            await self._settle(call, [outcome], rewriter.images)
             if responder.started:
-                return "transport"
-            raise UpstreamFailed(
-                "The upstream connection was lost while sending the image.",
-                code="upstream_connection_lost",
-            ) from None
-        self._count(call, 1, rewriter.images)
-        await hold.settle(hold.amount)
+                return outcome  # the client's stream just ends, cut short
+            raise _broken_200_error(exc, outcome) from None
+        await self._settle(call, [Outcome.IMAGE], rewriter.images)
         await responder.finish(tail)
-        return "ok"
-
-    def _count(self, call: Call, billed: int, returned: int) -> None:
-        ex = call.exchange
-        ex.images_billed, ex.images_returned = billed, returned
-        ex.cost_micros = billed * call.price
-        team = call.hold.team
-        self._metrics.images_billed.labels(call.decision.model, team).inc(billed)
-        self._metrics.images_returned.labels(call.decision.model, team).inc(returned)
+        return Outcome.IMAGE
 
     # fanout --------------------------------------------------------------------------
     async def fanout(self, call: Call, send: Send) -> None:
         """``n`` parallel upstream calls, one response with every image that came back.
 
-        Each call bills one image; the hold covered all ``n``, and the settle keeps only
-        what was billed (uncertain where a call was lost after it was sent).
+        The hold covered all ``n``; the settle keeps what their outcomes cost.
         """
-        ex, hold, price, n = call.exchange, call.hold, call.price, call.decision.calls
+        ex, n = call.exchange, call.decision.calls
         started = time.perf_counter()
         results = await asyncio.gather(
             *(self._post(call) for _ in range(n)), return_exceptions=True
         )
         ok: list[UpstreamResponse] = []
         errors: list[ProxyError] = []
-        uncertain = 0
+        outcomes: list[Outcome] = []
         for result in results:
             if isinstance(result, TransportError):
-                uncertain += price if result.maybe_billed else 0
-                errors.append(
-                    UpstreamTimeout("The upstream did not answer in time.")
-                    if result.timeout
-                    else UpstreamFailed("The upstream could not be reached.")
-                )
+                outcome = _sent_outcome(result)
+                outcomes.append(outcome)
+                errors.append(_transport_error(outcome))
             elif isinstance(result, BaseException):
                 raise result
             elif result.status == 200:
                 ok.append(result)
             else:
+                outcomes.append(Outcome.REFUSED if result.status < 500 else Outcome.FAILED)
                 raw = await _read_error(result)
                 await result.close()
                 errors.append(self._error(call, result, raw))
         ex.upstream_status = 200 if ok else errors[0].status
-        ex.uncertain_micros = uncertain
         if not ok:
             ex.upstream_seconds = time.perf_counter() - started
-            await hold.settle(uncertain, uncertain)
+            await self._settle(call, outcomes, 0)
             raise errors[0]
         if len(ok) < n:
             ex.adjusted = "; ".join(x for x in (ex.adjusted, f"images={len(ok)}/{n}") if x)
         responder = Responder(send, self._headers(ex.adjusted), call.capture)
         await responder.body(b'{"created":%d,"data":[' % int(time.time()))
-        billed = returned = 0
+        returned = 0
         try:
             for response in ok:
-                billed_one, images = await self._stream_items(response, responder, returned > 0)
-                billed += billed_one
+                outcome, images = await self._stream_items(response, responder, returned > 0)
+                outcomes.append(outcome)
                 returned += images
         finally:
             ex.upstream_seconds = time.perf_counter() - started
-            self._count(call, billed, returned)
-            ex.cost_micros = billed * price + uncertain
-            await hold.settle(billed * price + uncertain, uncertain)
+            # Answers not read (an exception above) came as 200s: their images were made.
+            outcomes += [Outcome.CUT_BEFORE_IMAGE] * (n - len(outcomes))
+            await self._settle(call, outcomes, returned)
         await responder.finish(b"]}")
 
     async def _stream_items(
         self, response: UpstreamResponse, responder: Responder, comma: bool
-    ) -> tuple[int, int]:
-        """Stream one answer's images into the merged array: (billed, images)."""
+    ) -> tuple[Outcome, int]:
+        """Stream one answer's images into the merged array: (outcome, images)."""
         rewriter = ImagesBodyRewriter(strip_prefix=self._strip, created=0, items_only=True)
         try:
             async for chunk in response.chunks():
@@ -293,24 +275,30 @@ class Forwarder:
                 await responder.body(out)
             tail = rewriter.finish()
             await responder.body(b"," + tail if tail and comma else tail)
-            return 1, rewriter.images
-        except UpstreamBodyError:
-            return (1 if rewriter.decided else 0), rewriter.images
-        except TransportError:
-            return 1, rewriter.images
+            return Outcome.IMAGE, rewriter.images
+        except (UpstreamBodyError, TransportError) as exc:
+            return _broken_200(exc, rewriter.decided), rewriter.images
         finally:
             await response.close()
 
 
-async def _transport_failed(ex: Exchange, hold: Hold, exc: TransportError) -> ProxyError:
+# A 200 came back for these: the upstream made an image, whatever became of its bytes.
+_ANSWERED_200 = frozenset({Outcome.IMAGE, Outcome.CUT_AFTER_IMAGE, Outcome.CUT_BEFORE_IMAGE})
+
+
+def _sent_outcome(exc: TransportError) -> Outcome:
+    """What a transport failure before any answer means for the call."""
     if not exc.maybe_billed:
-        await hold.release()
+        return Outcome.NOT_SENT
+    return Outcome.TIMEOUT if exc.timeout else Outcome.LOST
+
+
+def _transport_error(outcome: Outcome) -> ProxyError:
+    if outcome is Outcome.NOT_SENT:
         error = UpstreamFailed("The upstream could not be reached.", code="upstream_unreachable")
-        error.should_retry = True
+        error.should_retry = True  # nothing was sent, so nothing was billed
         return error
-    ex.uncertain_micros = ex.cost_micros = hold.amount
-    await hold.settle(hold.amount, hold.amount)
-    if exc.timeout:
+    if outcome is Outcome.TIMEOUT:
         return UpstreamTimeout(
             "The upstream did not answer in time; it may still have billed this call, "
             "so it is not retried."
@@ -318,6 +306,33 @@ async def _transport_failed(ex: Exchange, hold: Hold, exc: TransportError) -> Pr
     return UpstreamFailed(
         "The upstream connection was lost; it may have billed this call.",
         code="upstream_connection_lost",
+    )
+
+
+def _broken_200(exc: UpstreamBodyError | TransportError, images_began: bool) -> Outcome:
+    """What a 200 whose body did not arrive whole means for the call."""
+    if isinstance(exc, UpstreamBodyError) and not images_began and exc.error is not None:
+        return Outcome.ERROR_IN_200  # an error object: no image was made
+    return Outcome.CUT_AFTER_IMAGE if images_began else Outcome.CUT_BEFORE_IMAGE
+
+
+def _broken_200_error(exc: UpstreamBodyError | TransportError, outcome: Outcome) -> ProxyError:
+    if outcome is Outcome.ERROR_IN_200:
+        assert isinstance(exc, UpstreamBodyError) and exc.error is not None
+        detail = str(exc.error.get("message", ""))
+        return UpstreamFailed(f"The upstream answered 200 without an image ({detail[:200]}).")
+    if isinstance(exc, TransportError):
+        return UpstreamFailed(
+            "The upstream connection was lost while sending the image.",
+            code="upstream_connection_lost",
+        )
+    if outcome is Outcome.CUT_AFTER_IMAGE:
+        return UpstreamFailed(
+            "The upstream's answer broke off mid-image.", code="upstream_malformed"
+        )
+    return UpstreamFailed(
+        f"The upstream answered 200 without an image ({exc.reason}); it may have billed this call.",
+        code="upstream_malformed",
     )
 
 
