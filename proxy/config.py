@@ -65,6 +65,9 @@ class UpstreamSettings:
     connect_timeout: float = 10.0
     read_timeout: float = 360.0
     write_timeout: float = 60.0
+    # The whole call, however the upstream trickles its bytes (the provider
+    # recommends 360 s); holds stay valid for as long as a call can live.
+    total_timeout_seconds: float = 360.0
     max_connections: int = 10_000
     keepalive_seconds: float = 60.0
 
@@ -125,8 +128,12 @@ class AuthSettings:
 @dataclass(frozen=True)
 class LedgerSettings:
     timezone: str = "UTC"
-    # A hold expires this long after the upstream timeout would have fired.
+    # Slack past the upstream deadlines before a hold is given up as uncertain.
     hold_grace_seconds: float = 30.0
+    # Holds, concurrency slots and idempotency claims are leased for this long and
+    # renewed while their call lives: a crashed replica's are resolved (as uncertain
+    # spend) within a lease and a sweep.
+    lease_seconds: float = 15.0
     idempotency_ttl_seconds: int = 86_400
     # How long an SDK retry (x-stainless-retry-count >= 1) may join a finished call.
     retry_join_seconds: int = 600
@@ -368,7 +375,7 @@ def _validate(s: Settings) -> None:
         "upstream.base_url",
         "must be an http:// or https:// URL",
     )
-    for name in ("connect_timeout", "read_timeout", "write_timeout"):
+    for name in ("connect_timeout", "read_timeout", "write_timeout", "total_timeout_seconds"):
         need(getattr(s.upstream, name) > 0, f"upstream.{name}", "must be > 0")
     need(s.upstream.max_connections >= 1, "upstream.max_connections", "must be >= 1")
     scheme = s.store.url.partition("://")[0]
@@ -378,6 +385,7 @@ def _validate(s: Settings) -> None:
         "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
     )
     need(s.store.timeout_seconds > 0, "store.timeout_seconds", "must be > 0")
+    need(s.ledger.lease_seconds >= 1, "ledger.lease_seconds", "must be >= 1")
     need(1 <= s.server.port <= 65535, "server.port", "must be 1..65535")
     need(s.server.workers >= 1, "server.workers", "must be >= 1")
     need(

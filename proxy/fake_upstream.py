@@ -12,7 +12,8 @@ the proxy untouched): ``[fake:latency=S]``, ``[fake:image-bytes=N]``, ``[fake:ti
 (billed, never answers), ``[fake:reset]`` (billed, connection dropped), ``[fake:500]``,
 ``[fake:429]``, ``[fake:quota]``, ``[fake:moderation]``, ``[fake:error200]`` (a 200
 carrying an error), ``[fake:no-created]``, ``[fake:cut=N]`` (billed, a 200 whose body
-breaks off after N bytes). ``fail_rate`` injects the same faults at
+breaks off after N bytes), ``[fake:trickle=S]`` (billed, a 200 whose body comes one
+byte every S seconds, so no read ever times out). ``fail_rate`` injects the same faults at
 random. Its size table is its own copy, deliberately independent of the proxy's.
 """
 
@@ -290,7 +291,22 @@ async def _generate(
     answer = _answer(fake, body, size, omit_created)
     if "cut" in directives:
         return _cut(request, answer, int(float(directives["cut"] or 0)))
+    if "trickle" in directives:
+        return _trickle(answer, float(directives["trickle"] or 1))
     return answer
+
+
+def _trickle(answer: Response, every: float) -> Response:
+    """A 200 whose body arrives one byte every ``every`` seconds."""
+
+    async def stream() -> AsyncIterator[bytes]:
+        chunks = answer.body_iterator if isinstance(answer, StreamingResponse) else [answer.body]
+        async for chunk in _aiter(chunks):
+            for byte in bytes(chunk):
+                yield bytes((byte,))
+                await asyncio.sleep(every)
+
+    return StreamingResponse(stream(), media_type="application/json")
 
 
 def _cut(request: Request, answer: Response, after: int) -> Response:

@@ -5,8 +5,14 @@ store call (a slow or dead store fails closed with 503 instead of hanging), metr
 budget periods in the configured time zone, and a queue of resolutions the store has
 not taken yet: a settle that could not be written, or the release of a reserve whose
 answer never came (it may still land), is written when the store is back rather than
-forgotten. If the process dies with holds open, their deadlines turn them into
-uncertain spend.
+forgotten.
+
+Holds are leased: this process renews the deadlines of its open holds (and their
+concurrency slots and idempotency claims) every third of ``ledger.lease_seconds``
+while their calls live, so a call never outlives its hold, and if the process dies
+any replica's sweep turns its holds into uncertain spend within a lease and a sweep.
+A settle that finds its hold gone (the store lost its data) books the spend anyway,
+with a warning and a metric.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import TypeVar
 from .config import Settings
 from .errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable, Unauthorized
 from .metrics import Metrics
+from .money import Charge
 from .store import (
     ClaimRequest,
     HoldRequest,
@@ -32,9 +39,11 @@ from .store import (
     MemoryStore,
     Periods,
     Refusal,
+    Settlement,
     Store,
     StoreError,
     group_of,
+    hold_group,
 )
 
 T = TypeVar("T")
@@ -50,34 +59,38 @@ FLUSH_BATCH = 64  # queued steps written at once, pipelined
 class Hold:
     """Money reserved for one request; resolved exactly once."""
 
-    __slots__ = ("_ledger", "amount", "claimed", "id", "model", "outcome", "store", "team")
+    __slots__ = (
+        "_ledger",
+        "amount",
+        "claimed",
+        "id",
+        "model",
+        "outcome",
+        "request",
+        "started",
+        "store",
+        "team",
+    )
 
     def __init__(
-        self,
-        ledger: Ledger,
-        hold_id: str,
-        amount: int,
-        model: str,
-        team: str,
-        store: Store | None = None,
+        self, ledger: Ledger, request: HoldRequest, team: str, store: Store | None = None
     ) -> None:
         self._ledger = ledger
         self.store = store or ledger.store
-        self.id = hold_id
-        self.amount = amount
-        self.model = model
+        self.request = request
+        self.id = request.hold_id
+        self.amount = request.amount
+        self.model = request.model
         self.team = team
+        self.started = time.monotonic()
         self.outcome: str | None = None
         self.claimed = False  # the idempotency claim asked for was taken with the hold
 
-    async def settle(self, spent: int, uncertain: int = 0) -> None:
-        """Keep ``spent`` (≤ amount) of the hold, ``uncertain`` of it maybe billed."""
+    async def settle(self, charge: Charge) -> None:
+        """Keep what ``charge`` says of the hold (never more than its amount)."""
         if self.outcome is None:
-            self.outcome = "uncertain" if uncertain else ("settled" if spent else "released")
-            await self._ledger.resolve(self, spent, uncertain)
-
-    async def release(self) -> None:
-        await self.settle(0)
+            self.outcome = charge.resolution.value
+            await self._ledger.resolve(self, charge.spent, charge.uncertain)
 
 
 class Ledger:
@@ -87,11 +100,14 @@ class Ledger:
         self._metrics = metrics
         self._timeout = settings.store.timeout_seconds
         self._zone = zoneinfo.ZoneInfo(settings.ledger.timezone)
-        self.hold_ttl = (
-            settings.upstream.read_timeout
+        self.lease = settings.ledger.lease_seconds
+        # The longest a call can live: past it a hold is no longer renewed.
+        self.max_call_seconds = (
+            settings.upstream.total_timeout_seconds
             + settings.upstream.connect_timeout
-            + (settings.ledger.hold_grace_seconds)
+            + settings.ledger.hold_grace_seconds
         )
+        self._open: dict[str, Hold] = {}  # this process's open holds, renewed
         # Steps decided but not yet written (settles, releases, abandoned claims) by
         # what they act on, with the store operation they count as.
         self._unwritten: dict[str, tuple[str, Callable[[], Awaitable[object]]]] = {}
@@ -147,7 +163,7 @@ class Ledger:
             key_id=key.id,
             amount=amount,
             periods=self.periods(),
-            ttl_seconds=self.hold_ttl,
+            ttl_seconds=self.lease,
             model=model,
             team=key.team,
             claim=claim,
@@ -182,11 +198,14 @@ class Ledger:
                 kind = "day" if len(period) == 10 else "month"
                 self._metrics.budget_remaining_usd.labels(team, kind).set(remaining / 1e6)
         self._metrics.holds_outstanding.inc()
-        hold = Hold(self, request.hold_id, amount, model, team, store)
+        hold = Hold(self, request, team, store)
         hold.claimed = reservation.claimed
+        if store is self.store:
+            self._open[hold.id] = hold
         return hold
 
     async def resolve(self, hold: Hold, spent: int, uncertain: int) -> None:
+        self._open.pop(hold.id, None)
         self._metrics.holds_outstanding.dec()
         self._metrics.holds_resolved.labels(hold.outcome or "settled").inc()
         if spent:
@@ -196,12 +215,24 @@ class Ledger:
         if hold.store is not self.store:
             await hold.store.settle(hold.id, spent, uncertain)
             return
+        step = functools.partial(self._settle, hold.request, spent, uncertain)
         try:
-            await self.call("settle", lambda: self.store.settle(hold.id, spent, uncertain))
+            await self.call("settle", step)
         except ProxyError:
             # The answer is already decided; the ledger must still learn it.
-            step = functools.partial(self.store.settle, hold.id, spent, uncertain)
             self.write_later(hold.id, "settle", step, droppable=False)
+
+    async def _settle(self, request: HoldRequest, spent: int, uncertain: int) -> None:
+        done = await self.store.settle(request.hold_id, spent, uncertain, request=request)
+        if done is Settlement.BOOKED_WITHOUT_HOLD:
+            self._metrics.settles_without_hold.inc()
+            log.warning(
+                "settle found no hold %s (the store lost its data?): booked %d micro-USD "
+                "for key %s from the request",
+                request.hold_id,
+                spent,
+                request.key_id,
+            )
 
     # resolutions the store has not taken yet -------------------------------------------
     def write_later(
@@ -263,7 +294,27 @@ class Ledger:
         self._tasks = [
             asyncio.create_task(self._sweep_forever()),
             asyncio.create_task(self._write_unwritten()),
+            asyncio.create_task(self._renew_forever()),
         ]
+
+    # leases --------------------------------------------------------------------------
+    async def _renew_forever(self) -> None:
+        """Renew this process's open holds every third of a lease."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(ProxyError):
+                await self.renew()
+
+    async def renew(self) -> None:
+        """One renewal of every open hold this process may still renew, and a note
+        that their groups are active, so that any replica's sweep finds them."""
+        now = time.monotonic()
+        live = [h.id for h in self._open.values() if now - h.started < self.max_call_seconds]
+        if not live:
+            return
+        groups = sorted({hold_group(hold_id) for hold_id in live})
+        await self.call("renew", lambda: self.store.mark_active(groups))
+        await self.call("renew", lambda: self.store.renew_holds(live, self.lease))
 
     async def _sweep_forever(self) -> None:
         sweeps = 0

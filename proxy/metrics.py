@@ -194,6 +194,13 @@ class Metrics:
                 registry=r,
             )
         )
+        # Unlabelled and created at start, so its first increase is seen by rate().
+        self.settles_without_hold = Counter(
+            f"{p}_settles_without_hold",
+            "Settles that found no hold (the store lost its data) and booked the spend "
+            "from the request itself.",
+            registry=r,
+        )
         self.idempotent_replays = Labelled(
             Counter(
                 f"{p}_idempotent_replays",
@@ -231,4 +238,5 @@ EXPORTED_NAMES: Final = (
     "apiyi_proxy_store_errors_total",
     "apiyi_proxy_store_duration_seconds",
     "apiyi_proxy_idempotent_replays_total",
+    "apiyi_proxy_settles_without_hold_total",
 )

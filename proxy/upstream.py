@@ -5,14 +5,19 @@ the proxy sees only ``UpstreamClient.post`` and ``UpstreamResponse``. Client lib
 exceptions are translated here, once, into ``TransportError`` whose ``maybe_billed``
 says whether the upstream could have received (and so billed) the request:
 
-- could not connect, or the pool had no room: not billed — the hold is released;
-- timed out or lost the connection after the request was sent: maybe billed — the
-  hold is kept as uncertain spend.
+- could not connect, the pool had no room, or the connection broke before the
+  request was fully written: not billed;
+- timed out or lost the connection after the request was sent: maybe billed.
+
+Every call has a total deadline (``upstream.total_timeout_seconds``) over connecting,
+sending and reading the whole answer, so no call can outlive its hold however slowly
+the upstream trickles its bytes.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -54,6 +59,19 @@ class UpstreamResponse(abc.ABC):
 
     @abc.abstractmethod
     async def close(self) -> None: ...
+
+
+class _Written:
+    """A streamed request body that remembers whether it was sent to the end."""
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        self._body = body
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._body:
+            yield chunk
+        self.done = True
 
 
 class UpstreamClient(abc.ABC):
@@ -124,7 +142,7 @@ class _AiohttpClient(UpstreamClient):
             read_bufsize=READ_CHUNK,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(
-                total=None, connect=s.connect_timeout, sock_read=s.read_timeout
+                total=s.total_timeout_seconds, connect=s.connect_timeout, sock_read=s.read_timeout
             ),
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
@@ -137,8 +155,9 @@ class _AiohttpClient(UpstreamClient):
         import aiohttp
 
         session = self._session or self._open()
+        data = body if isinstance(body, bytes) else _Written(body)
         try:
-            response = await session.post(self.base_url + path, data=body, headers=dict(headers))
+            response = await session.post(self.base_url + path, data=data, headers=dict(headers))
         except aiohttp.ClientConnectorError as exc:
             raise TransportError("upstream unreachable", maybe_billed=False) from exc
         except aiohttp.ConnectionTimeoutError as exc:
@@ -146,7 +165,10 @@ class _AiohttpClient(UpstreamClient):
         except TimeoutError as exc:
             raise TransportError("upstream timed out", maybe_billed=True, timeout=True) from exc
         except aiohttp.ClientError as exc:
-            raise TransportError("upstream connection lost", maybe_billed=True) from exc
+            # A small body leaves in one write with the headers; a streamed one is
+            # known to have been sent only once its iterator ran to the end.
+            sent = isinstance(data, bytes) or data.done
+            raise TransportError("upstream connection lost", maybe_billed=sent) from exc
         return _AiohttpResponse(response)
 
     async def close(self) -> None:
@@ -158,8 +180,9 @@ class _AiohttpClient(UpstreamClient):
 
 
 class _HttpxResponse(UpstreamResponse):
-    def __init__(self, response: Any) -> None:
+    def __init__(self, response: Any, deadline: float) -> None:
         self._response = response
+        self._deadline = deadline
         self.status = response.status_code
         self.headers = {k.lower(): v for k, v in response.headers.items()}
 
@@ -167,9 +190,10 @@ class _HttpxResponse(UpstreamResponse):
         import httpx
 
         try:
-            async for chunk in self._response.aiter_bytes():
-                yield chunk
-        except httpx.TimeoutException as exc:
+            async with asyncio.timeout_at(self._deadline):
+                async for chunk in self._response.aiter_bytes():
+                    yield chunk
+        except (httpx.TimeoutException, TimeoutError) as exc:
             raise TransportError(
                 "upstream read timed out", maybe_billed=True, timeout=True
             ) from exc
@@ -204,18 +228,22 @@ class _HttpxClient(UpstreamClient):
     ) -> UpstreamResponse:
         import httpx
 
+        data = body if isinstance(body, bytes) else _Written(body)
         request = self._client.build_request(
-            "POST", self.base_url + path, headers=dict(headers), content=body
+            "POST", self.base_url + path, headers=dict(headers), content=data
         )
+        deadline = asyncio.get_running_loop().time() + self.settings.total_timeout_seconds
         try:
-            response = await self._client.send(request, stream=True)
+            async with asyncio.timeout_at(deadline):
+                response = await self._client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise TransportError("upstream unreachable", maybe_billed=False) from exc
-        except httpx.TimeoutException as exc:
+        except (httpx.TimeoutException, TimeoutError) as exc:
             raise TransportError("upstream timed out", maybe_billed=True, timeout=True) from exc
         except httpx.TransportError as exc:
-            raise TransportError("upstream connection lost", maybe_billed=True) from exc
-        return _HttpxResponse(response)
+            sent = isinstance(data, bytes) or data.done
+            raise TransportError("upstream connection lost", maybe_billed=sent) from exc
+        return _HttpxResponse(response, deadline)
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -14,6 +14,27 @@ end
 local USAGE_TTL = 400 * 86400
 local TOMBSTONE_MS = 2 * 86400000
 
+-- Book money in a key's (and its team's) day and month: `held` leaves the hold
+-- column, `spent` (of it `uncertain`) is kept, `requests` counted.
+local function book(base, key_id, team, day, month, held, spent, uncertain, requests)
+  local scopes = { { 'key', key_id } }
+  if team and team ~= '' then
+    scopes[2] = { 'team', team }
+  end
+  for _, s in ipairs(scopes) do
+    for _, period in ipairs({ day, month }) do
+      local k = usage_key(base, s[1], s[2], period)
+      if held ~= 0 then redis.call('HINCRBY', k, 'held', -held) end
+      if spent > 0 then redis.call('HINCRBY', k, 'spent', spent) end
+      if uncertain > 0 then redis.call('HINCRBY', k, 'uncertain', uncertain) end
+      if requests > 0 then
+        redis.call('HINCRBY', k, 'requests', requests)
+        redis.call('EXPIRE', k, USAGE_TTL)
+      end
+    end
+  end
+end
+
 -- Move a hold's money from held to spent (uncertain marks the part that may or may
 -- not have been billed); the rest is refunded. Acts once per hold.
 local function resolve(base, hold_id, spent, uncertain, state)
@@ -27,18 +48,7 @@ local function resolve(base, hold_id, spent, uncertain, state)
   if spent < 0 then spent = 0 end
   if uncertain > spent then uncertain = spent end
   if uncertain < 0 then uncertain = 0 end
-  local scopes = { { 'key', h[2] } }
-  if h[3] and h[3] ~= '' then
-    scopes[2] = { 'team', h[3] }
-  end
-  for _, s in ipairs(scopes) do
-    for _, period in ipairs({ h[5], h[6] }) do
-      local k = usage_key(base, s[1], s[2], period)
-      redis.call('HINCRBY', k, 'held', -amount)
-      if spent > 0 then redis.call('HINCRBY', k, 'spent', spent) end
-      if uncertain > 0 then redis.call('HINCRBY', k, 'uncertain', uncertain) end
-    end
-  end
+  book(base, h[2], h[3], h[5], h[6], amount, spent, uncertain, 0)
   redis.call('HSET', hold_key, 'state', state, 'spent', spent, 'uncertain', uncertain)
   redis.call('ZREM', base .. 'holds', hold_id)
   redis.call('ZREM', base .. 'active:' .. h[2], hold_id)
@@ -50,9 +60,18 @@ local function expire(base, now, limit)
   local ids = redis.call('ZRANGEBYSCORE', base .. 'holds', '-inf', now, 'LIMIT', 0, limit)
   local n = 0
   for _, id in ipairs(ids) do
-    local amount = tonumber(redis.call('HGET', base .. 'hold:' .. id, 'amount') or '0')
+    local h = redis.call('HMGET', base .. 'hold:' .. id, 'amount', 'claim', 'owner', 'keep')
+    local amount = tonumber(h[1] or '0')
     n = n + resolve(base, id, amount, amount, 'expired')
     redis.call('ZREM', base .. 'holds', id)
+    -- Its call may have been billed: a duplicate gets 409, never a second paid call.
+    if h[2] and h[2] ~= '' then
+      local c = redis.call('HMGET', h[2], 'owner', 'state')
+      if c[1] == h[3] and c[2] == 'in_flight' then
+        redis.call('HSET', h[2], 'state', 'done', 'status', '504', 'result', '', 'headers', '[]')
+        redis.call('PEXPIRE', h[2], tonumber(h[4]))
+      end
+    end
   end
   return n
 end

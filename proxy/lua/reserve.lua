@@ -1,8 +1,9 @@
 -- reserve: check key, budgets (key and team, day and month), concurrency and rpm
 -- (GCRA on this server's clock), then take the hold. All or nothing.
 -- KEYS[1]: the key record (routes the call; every key touched shares its hash tag)
--- ARGV: base, key_id, hold_id, amount, day, month, ttl_ms, model, and for an SDK first
--- attempt: claim record, its gone mark, fingerprint, claim ttl_ms, owner (else absent)
+-- ARGV: base, key_id, hold_id, amount, day, month, ttl_ms (the lease), model, and for a
+-- claim to link: claim record, its gone mark, fingerprint, claim ttl_ms, owner,
+-- owned ("1": already taken by this request; "0": take it if free), keep_ms
 local base, key_id, hold_id = ARGV[1], ARGV[2], ARGV[3]
 local amount, day, month = tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local ttl = tonumber(ARGV[7])
@@ -78,6 +79,14 @@ redis.call('ZADD', active_key, deadline, hold_id)
 redis.call('PEXPIRE', active_key, ttl + 60000)
 local claimed = 0
 if ARGV[9] then
-  claimed = claim(ARGV[9], ARGV[10], ARGV[11], tonumber(ARGV[12]), ARGV[13])
+  if ARGV[14] == '1' then
+    claimed = 1
+  else
+    claimed = claim(ARGV[9], ARGV[10], ARGV[11], tonumber(ARGV[12]), ARGV[13])
+  end
+  if claimed == 1 then
+    -- The claim lives as long as the hold: renewed with it, settled with it if it expires.
+    redis.call('HSET', hold_key, 'claim', ARGV[9], 'owner', ARGV[13], 'keep', ARGV[15])
+  end
 end
 return { 'ok', remaining, claimed }

@@ -1,10 +1,23 @@
--- settle: resolve a hold once. KEYS[1]: the hold. ARGV: base, hold_id, spent, uncertain
+-- settle: resolve a hold once. KEYS[1]: the hold.
+-- ARGV: base, hold_id, spent, uncertain, and (to book a hold the store never saw) key,
+-- team, day, month, amount.
 -- A hold never seen gets a tombstone: its reserve may have timed out on the caller's
--- side and still be on its way here; reserve refuses a tombstoned id.
+-- side and still be on its way here; reserve refuses a tombstoned id. If it was never
+-- seen because the store lost its data, what the upstream billed is booked anyway.
+-- Returns 1 settled, 2 booked without a hold, 0 nothing changed.
+local spent, uncertain = tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  redis.call('HSET', KEYS[1], 'state', 'cancelled')
+  local booked = 0
+  if spent > 0 and ARGV[5] then
+    local amount = tonumber(ARGV[9])
+    if spent > amount then spent = amount end
+    if uncertain > spent then uncertain = spent end
+    if uncertain < 0 then uncertain = 0 end
+    book(ARGV[1], ARGV[5], ARGV[6], ARGV[7], ARGV[8], 0, spent, uncertain, 1)
+    booked = 2
+  end
+  redis.call('HSET', KEYS[1], 'state', booked == 2 and 'booked' or 'cancelled')
   redis.call('PEXPIRE', KEYS[1], TOMBSTONE_MS)
-  return 0
+  return booked
 end
-return resolve(ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]),
-  tonumber(ARGV[3]) > 0 and 'settled' or 'released')
+return resolve(ARGV[1], ARGV[2], spent, uncertain, spent > 0 and 'settled' or 'released')

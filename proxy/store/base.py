@@ -8,8 +8,13 @@ Every money step is one atomic operation on the store:
   ``Hold`` with a deadline — all or nothing.
 - ``settle`` turns a hold into spend (``uncertain`` when the upstream may or may not
   have billed); ``release`` refunds it. Each acts once per hold id; later calls are no-ops.
-- A hold past its deadline (its replica died) becomes uncertain spend and frees its
-  concurrency slot, so money never vanishes and a key is never blocked forever.
+- A hold is leased: its deadline is renewed by its replica while the call lives
+  (``renew_holds``). A hold past its deadline (its replica died) becomes uncertain
+  spend and frees its concurrency slot, so money never vanishes and a key is never
+  blocked for longer than a lease; an idempotency claim linked to it becomes an
+  uncertain outcome, so a duplicate gets 409 rather than paying again.
+- A ``settle`` that finds no hold at all (the store restarted empty) still books the
+  spend from the request it is given, and says so: nothing billed is forgotten.
 - A ``settle`` or ``release`` of a hold id the store has not seen leaves a tombstone, and
   a ``reserve`` of a tombstoned id refuses. A reserve whose answer timed out may still
   reach the store later; the caller releases its id, and whichever lands first, no
@@ -86,12 +91,17 @@ class Periods:
 
 @dataclass(frozen=True)
 class ClaimRequest:
-    """An idempotency claim to take in the same step as a hold, if the scope is free."""
+    """An idempotency claim to link to a hold: taken in the same step if the scope is
+    free, or, when ``owned``, already taken by this request. A linked claim lives as
+    long as its hold; if the hold expires, the claim ends as an uncertain outcome,
+    kept for ``keep_seconds``."""
 
     scope: str
     fingerprint: str
     ttl_seconds: float
     owner: str
+    owned: bool = False
+    keep_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +116,14 @@ class HoldRequest:
     # An SDK first attempt claims its fingerprint here, so a retry can join it, at no
     # extra round trip; taken only with the hold, and only if nobody holds the scope.
     claim: ClaimRequest | None = None
+
+
+class Settlement(enum.IntEnum):
+    """What a ``settle`` did; false when it changed nothing."""
+
+    NOTHING = 0  # already resolved, or a release of a hold never seen (tombstoned)
+    SETTLED = 1
+    BOOKED_WITHOUT_HOLD = 2  # the hold was gone (store lost its data): spend booked anyway
 
 
 class Refusal(enum.Enum):
@@ -197,6 +215,10 @@ class IdemRecord:
     headers: tuple[tuple[str, str], ...] = ()
 
 
+# The status a finished call is recorded with when it may or may not have been billed.
+UNCERTAIN_STATUS = 504
+
+
 def group_of(key_id: str, team: str | None) -> str:
     """The hash-tag group of a key: its team's, or its own when it has none."""
     return f"t:{team}" if team else f"k:{key_id}"
@@ -257,13 +279,30 @@ class Store(abc.ABC):
     async def reserve(self, request: HoldRequest) -> Reservation: ...
 
     @abc.abstractmethod
-    async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
+    async def settle(
+        self,
+        hold_id: str,
+        spent: int,
+        uncertain: int = 0,
+        *,
+        request: HoldRequest | None = None,
+    ) -> Settlement:
         """Turn the hold into ``spent`` (≤ the held amount), of which ``uncertain`` may
-        or may not have been billed; the rest is refunded. True if this call did it."""
+        or may not have been billed; the rest is refunded. If the store has never seen
+        the hold and ``request`` is given, ``spent`` is booked from it all the same."""
 
     @abc.abstractmethod
     async def release(self, hold_id: str) -> bool:
         """Refund the hold; True if this call did it."""
+
+    @abc.abstractmethod
+    async def renew_holds(self, hold_ids: list[str], lease_seconds: float) -> int:
+        """Move the deadlines of these open holds (and their linked claims) to
+        ``lease_seconds`` from now; returns how many were still open."""
+
+    async def mark_active(self, groups: list[str]) -> None:  # noqa: B027 - shared stores only
+        """Note that these groups have open holds, so that every replica's sweep looks
+        at them (and only groups so noted are swept)."""
 
     @abc.abstractmethod
     async def expire_holds(self) -> int:
@@ -294,6 +333,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None: ...
+
+    @abc.abstractmethod
+    async def idem_consume(self, scope: str, result_id: str) -> None:
+        """Forget a finished record whose answer (``result_id``) a replay delivered:
+        an answer that reached its client is never joined again."""
 
     @abc.abstractmethod
     async def idem_abandon(self, scope: str, owner: str, ttl_seconds: float) -> None:

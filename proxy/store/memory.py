@@ -8,12 +8,13 @@ backend's scripts; the same contract tests run against both.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .base import (
+    UNCERTAIN_STATUS,
     ClaimRequest,
     HoldRequest,
     IdemRecord,
@@ -21,12 +22,17 @@ from .base import (
     KeyRecord,
     Refusal,
     Reservation,
+    Settlement,
     Store,
     Tally,
     Team,
 )
 
-TOMBSTONE_SECONDS = 2 * 86_400
+# Resolved and released hold ids are remembered this long (at most this many), so a
+# settle sent twice books once and a reserve arriving after its release takes nothing.
+# Nothing waits on anything outside this process here, so an hour is ample.
+FORGET_SECONDS = 3_600
+FORGET_MOST = 1_000_000
 
 
 @dataclass
@@ -52,6 +58,7 @@ IN_FLIGHT = IdemRecord(IdemState.IN_FLIGHT)
 class _Hold:
     request: HoldRequest
     deadline: float
+    claim: ClaimRequest | None = None  # the idempotency claim that lives with it
 
 
 class MemoryStore(Store):
@@ -64,8 +71,9 @@ class MemoryStore(Store):
         self._teams: dict[str, Team] = {}
         self._ledger: defaultdict[tuple[str, str, str], _Counter] = defaultdict(_Counter)
         self._holds: dict[str, _Hold] = {}
-        # Tombstones of holds released before their reserve arrived: id -> forget-after.
-        self._cancelled: dict[str, float] = {}
+        # Holds resolved, or released before their reserve arrived: id -> forget-after,
+        # in the order they were added (so the oldest are forgotten first).
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
         self._tat: dict[str, float] = {}
         self._idem: dict[str, _Idem] = {}
         self._idem_gone: dict[tuple[str, str], float] = {}
@@ -165,44 +173,103 @@ class MemoryStore(Store):
             c.requests += 1
             if scope == "team" and limit:
                 remaining[period] = limit - c.held - c.spent
-        self._holds[request.hold_id] = _Hold(request, now + request.ttl_seconds)
-        claimed = request.claim is not None and self._claim(request.claim, now)
+        hold = _Hold(request, now + request.ttl_seconds)
+        claimed = False
+        if request.claim is not None:
+            claimed = request.claim.owned or self._claim(request.claim, now)
+            hold.claim = request.claim if claimed else None
+        self._holds[request.hold_id] = hold
         return Reservation(team_remaining=remaining or None, claimed=claimed)
 
-    async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
+    async def settle(
+        self,
+        hold_id: str,
+        spent: int,
+        uncertain: int = 0,
+        *,
+        request: HoldRequest | None = None,
+    ) -> Settlement:
+        now = self._clock()
         hold = self._holds.pop(hold_id, None)
         if hold is None:
-            self._cancelled.setdefault(hold_id, self._clock() + TOMBSTONE_SECONDS)
-            return False
+            if hold_id in self._cancelled:
+                return Settlement.NOTHING
+            if request is not None and spent > 0:
+                # Never seen: book what was billed from the request itself.
+                spent = min(spent, request.amount)
+                self._book(request, 0, spent, min(max(uncertain, 0), spent), requests=1)
+                self._remember(hold_id, now + FORGET_SECONDS)
+                return Settlement.BOOKED_WITHOUT_HOLD
+            self._remember(hold_id, now + FORGET_SECONDS)
+            return Settlement.NOTHING
         spent = min(max(spent, 0), hold.request.amount)
-        self._resolve(hold.request, spent, min(max(uncertain, 0), spent))
-        return True
+        self._book(hold.request, hold.request.amount, spent, min(max(uncertain, 0), spent))
+        self._remember(hold_id, now + FORGET_SECONDS)
+        return Settlement.SETTLED
 
     async def release(self, hold_id: str) -> bool:
-        return await self.settle(hold_id, 0)
+        return bool(await self.settle(hold_id, 0))
+
+    async def renew_holds(self, hold_ids: list[str], lease_seconds: float) -> int:
+        now = self._clock()
+        renewed = 0
+        for hold_id in hold_ids:
+            hold = self._holds.get(hold_id)
+            if hold is None:
+                continue
+            hold.deadline = now + lease_seconds
+            renewed += 1
+            entry = self._linked_claim(hold, now)
+            if entry is not None and entry.record is IN_FLIGHT:
+                entry.until = max(entry.until, now + lease_seconds)
+        return renewed
+
+    def _linked_claim(self, hold: _Hold, now: float) -> _Idem | None:
+        """The hold's claim record, if it is still the one its owner took."""
+        if hold.claim is None:
+            return None
+        entry = self._live_idem(hold.claim.scope, now)
+        return entry if entry is not None and entry.owner == hold.claim.owner else None
 
     async def expire_holds(self) -> int:
         return self._expire(self._clock())
 
+    def _remember(self, hold_id: str, until: float) -> None:
+        self._cancelled[hold_id] = until
+
     def _expire(self, now: float) -> int:
-        for hold_id in [h for h, until in self._cancelled.items() if until <= now]:
+        while self._cancelled:
+            hold_id, until = next(iter(self._cancelled.items()))
+            if until > now and len(self._cancelled) <= FORGET_MOST:
+                break
             del self._cancelled[hold_id]
         expired = [hid for hid, h in self._holds.items() if h.deadline <= now]
         for hold_id in expired:
             hold = self._holds.pop(hold_id)
-            self._resolve(hold.request, hold.request.amount, hold.request.amount)
+            amount = hold.request.amount
+            self._book(hold.request, amount, amount, amount)
+            self._remember(hold_id, now + FORGET_SECONDS)
+            entry = self._linked_claim(hold, now)
+            if hold.claim is not None and entry is not None and entry.record is IN_FLIGHT:
+                # Its call may have been billed: a duplicate must not run it again.
+                entry.record = IdemRecord(IdemState.DONE, UNCERTAIN_STATUS)
+                entry.until = now + hold.claim.keep_seconds
         return len(expired)
 
-    def _resolve(self, request: HoldRequest, spent: int, uncertain: int) -> None:
+    def _book(
+        self, request: HoldRequest, held: int, spent: int, uncertain: int, requests: int = 0
+    ) -> None:
+        """Move ``held`` out of the hold column and book ``spent`` in every scope."""
         scopes = [("key", request.key_id)]
         if request.team is not None:
             scopes.append(("team", request.team))
         for scope, name in scopes:
             for period in (request.periods.day, request.periods.month):
                 c = self._ledger[(scope, name, period)]
-                c.held -= request.amount
+                c.held -= held
                 c.spent += spent
                 c.uncertain += uncertain
+                c.requests += requests
 
     async def tally(self, scope: str, name: str, period: str) -> Tally:
         c = self._ledger.get((scope, name, period), _Counter())
@@ -262,6 +329,12 @@ class MemoryStore(Store):
         entry = self._idem.get(scope)
         fingerprint, owner = (entry.fingerprint, entry.owner) if entry else ("", "")
         self._idem[scope] = _Idem(self._clock() + ttl_seconds, fingerprint, owner, record)
+
+    async def idem_consume(self, scope: str, result_id: str) -> None:
+        entry = self._idem.get(scope)
+        if entry is not None and entry.record.state is IdemState.DONE:
+            if entry.record.result_id == result_id:
+                del self._idem[scope]
 
     async def idem_abandon(self, scope: str, owner: str, ttl_seconds: float) -> None:
         entry = self._idem.get(scope)

@@ -15,7 +15,9 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:{g}:idem:<scope>:gone:<o> string owner o abandoned before its claim arrived
     apiyi:keyhash:<hmac>            string "<g>|<id>": lookup by presented key
     apiyi:keygroups                 hash   key id -> group
-    apiyi:groups, apiyi:teams       sets   for listing and the expiry sweep
+    apiyi:groups, apiyi:teams       sets   for listing
+    apiyi:activegroups              zset   groups with open holds, by when last noted
+                                           (the expiry sweep visits only these)
 
 The money steps are the Lua scripts in ``proxy/lua`` (``common.lua`` prepended),
 loaded once and called by EVALSHA; every call is one round trip. On a single-node
@@ -26,7 +28,9 @@ else, and clusters and sentinels, use redis-py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import time
 from collections.abc import Callable, Coroutine
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
@@ -47,6 +51,7 @@ from .base import (
     Limits,
     Refusal,
     Reservation,
+    Settlement,
     Store,
     StoreError,
     Tally,
@@ -59,6 +64,13 @@ from .resp import MultiplexedConnection
 P = ParamSpec("P")
 T = TypeVar("T")
 EXPIRE_BATCH = 200
+# A group noted active is swept for this long after it was last noted; its replica
+# notes it again every third of a lease while it holds money there.
+ACTIVE_WINDOW_MS = 10 * 60 * 1000
+# Well inside the window: a call (at most ~400 s) ends before its group's note does,
+# and its replica notes the group again at every renewal anyway.
+NOTE_AGAIN_SECONDS = 60.0
+NOTED_MOST = 100_000
 
 
 def _translated(
@@ -137,8 +149,11 @@ class RedisStore(Store):
         self._expire = client.register_script(load_script("expire"))
         self._idem_begin = client.register_script(load_script("idem_begin"))
         self._idem_abandon = client.register_script(load_script("idem_abandon"))
+        self._idem_consume = client.register_script(load_script("idem_consume"))
+        self._renew = client.register_script(load_script("renew"))
         self._key_lookup = client.register_script(load_script("key_lookup"))
         self._groups: dict[str, str] = {}
+        self._noted: dict[str, float] = {}  # group -> when to note it active again
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
@@ -276,37 +291,93 @@ class RedisStore(Store):
             c = request.claim
             record = self._idem_key(c.scope)
             gone = f"{record}:gone:{c.owner}"
-            args += [record, gone, c.fingerprint, int(c.ttl_seconds * 1000), c.owner]
+            args += [
+                record,
+                gone,
+                c.fingerprint,
+                int(c.ttl_seconds * 1000),
+                c.owner,
+                "1" if c.owned else "0",
+                max(1, int(c.keep_seconds * 1000)),
+            ]
         answer = await self._run(self._reserve, [base + "key:" + request.key_id], args)
         if answer[0] != "ok":
             retry_ms = int(answer[1]) if len(answer) > 1 else None
             return Reservation(
                 Refusal(answer[0]), retry_after=None if retry_ms is None else retry_ms / 1000
             )
+        if self._noted.get(group, 0.0) < time.monotonic():
+            await self._note(group)
         flat = answer[1]
         remaining = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Reservation(team_remaining=remaining or None, claimed=answer[2] == 1)
 
-    async def settle(self, hold_id: str, spent: int, uncertain: int = 0) -> bool:
+    async def settle(
+        self,
+        hold_id: str,
+        spent: int,
+        uncertain: int = 0,
+        *,
+        request: HoldRequest | None = None,
+    ) -> Settlement:
         base = self._base(hold_group(hold_id))
-        done = await self._run(
-            self._settle, [base + "hold:" + hold_id], [base, hold_id, spent, uncertain]
-        )
-        return bool(done)
+        args: list[Any] = [base, hold_id, spent, uncertain]
+        if request is not None:
+            p = request.periods
+            args += [request.key_id, request.team or "", p.day, p.month, request.amount]
+        done = await self._run(self._settle, [base + "hold:" + hold_id], args)
+        return Settlement(int(done))
 
     async def release(self, hold_id: str) -> bool:
-        return await self.settle(hold_id, 0)  # one step: settle takes the slot
+        return bool(await self.settle(hold_id, 0))  # one step: settle takes the slot
+
+    async def renew_holds(self, hold_ids: list[str], lease_seconds: float) -> int:
+        by_group: dict[str, list[str]] = {}
+        for hold_id in hold_ids:
+            by_group.setdefault(hold_group(hold_id), []).append(hold_id)
+        lease_ms = max(1, int(lease_seconds * 1000))
+        renewed = 0
+        for group, ids in by_group.items():
+            base = self._base(group)
+            renewed += int(await self._run(self._renew, [base + "holds"], [base, lease_ms, *ids]))
+        return renewed
+
+    @_translated
+    async def mark_active(self, groups: list[str]) -> None:
+        if not groups:
+            return
+        now_ms = int(await self._server_ms())
+        await self.r.zadd(f"{self.p}:activegroups", dict.fromkeys(groups, now_ms))
+        if len(self._noted) > NOTED_MOST:
+            self._noted.clear()
+        until = time.monotonic() + NOTE_AGAIN_SECONDS
+        self._noted.update(dict.fromkeys(groups, until))
+
+    async def _note(self, group: str) -> None:
+        """Note a group with a new hold active, at most once a minute per process. The
+        hold stands whether or not this lands: its own key's next reserve sweeps it."""
+        with contextlib.suppress(StoreError):
+            await self.mark_active([group])
+
+    async def _server_ms(self) -> int:
+        seconds, micros = await self.r.time()
+        return int(seconds) * 1000 + int(micros) // 1000
 
     async def expire_holds(self) -> int:
         total = 0
-        for group in await self._groups_listed():
+        for group in await self._active_groups():
             base = self._base(group)
             total += int(await self._run(self._expire, [base + "holds"], [base, EXPIRE_BATCH]))
         return total
 
     @_translated
-    async def _groups_listed(self) -> set[str]:
-        groups: set[str] = await self.r.smembers(f"{self.p}:groups")
+    async def _active_groups(self) -> list[str]:
+        """Groups noted active lately; older notes are dropped (their holds, if any,
+        were past their deadline and swept long before)."""
+        active = f"{self.p}:activegroups"
+        since = await self._server_ms() - ACTIVE_WINDOW_MS
+        await self.r.zremrangebyscore(active, "-inf", f"({since}")
+        groups: list[str] = await self.r.zrange(active, 0, -1)
         return groups
 
     @_translated
@@ -314,8 +385,12 @@ class RedisStore(Store):
         if scope == "key":
             record = await self._read_key(name)
             if record is None:
-                return Tally()
-            group, limits = group_of(name, record.team), record.limits
+                # The record is gone (revoked and deleted, or the store lost it): its
+                # money may still be here, under the group its hold ids carry.
+                group = await self._group(name) or group_of(name, None)
+                limits = Limits()
+            else:
+                group, limits = group_of(name, record.team), record.limits
         else:
             group = group_of("", name)
             team = await self._read_team(name)
@@ -333,7 +408,7 @@ class RedisStore(Store):
     @_translated
     async def holds_outstanding(self) -> int:
         total = 0
-        for group in await self.r.smembers(f"{self.p}:groups"):
+        for group in await self._active_groups():
             total += int(await self.r.zcard(self._base(group) + "holds"))
         return total
 
@@ -376,6 +451,9 @@ class RedisStore(Store):
         )
         await self.r.pexpire(key, int(ttl_seconds * 1000))
 
+    async def idem_consume(self, scope: str, result_id: str) -> None:
+        await self._run(self._idem_consume, [self._idem_key(scope)], [result_id])
+
     async def idem_abandon(self, scope: str, owner: str, ttl_seconds: float) -> None:
         key = self._idem_key(scope)
         await self._run(
@@ -393,6 +471,8 @@ class RedisStore(Store):
             self._expire,
             self._idem_begin,
             self._idem_abandon,
+            self._idem_consume,
+            self._renew,
             self._key_lookup,
         )
         for script in scripts:
