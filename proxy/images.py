@@ -7,6 +7,8 @@ after it, ``forward`` resolves the hold exactly once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import os
 from collections.abc import Mapping
@@ -14,19 +16,20 @@ from dataclasses import dataclass
 from typing import Literal
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from . import edits
 from .auth import Authenticator, Caller
 from .config import Settings
-from .errors import Conflict, ProxyError
+from .errors import ProxyError
 from .exchange import Exchange, exchange_of
 from .forward import Body, Call, Forwarder
 from .http import ClientGone, header_map, parse_json_object, read_body, send_error
-from .idempotency import Claim, Idempotency, Replay, fingerprint
+from .idempotency import Claim, Idempotency, Replay, fingerprint, result_unavailable
 from .keys import KeyHasher
 from .ledger import Ledger
 from .metrics import Metrics
+from .money import Outcome, Resolution, charge
 from .policy import Decision, RequestPolicy
 from .upstream import UpstreamClient
 
@@ -68,6 +71,52 @@ class Admitted:
         )
 
 
+class Presence:
+    """Whether the answer reached a connected client.
+
+    Once the request body is read, a task waits for the client's disconnect; the
+    wrapped ``send`` notes, as the last byte of the answer leaves, whether the client
+    was still there. (The server takes sends to a gone client without a word.)
+    """
+
+    __slots__ = ("_watch", "delivered")
+
+    def __init__(self, receive: Receive) -> None:
+        self._watch = asyncio.ensure_future(_disconnected(receive))
+        self.delivered = False
+
+    def wrap(self, send: Send) -> Send:
+        async def tracked(message: Message) -> None:
+            if message["type"] != "http.response.body" or message.get("more_body"):
+                await send(message)
+                return
+            # Asked before the last send: once the answer is complete, the server
+            # tells every receive() the client is gone.
+            await asyncio.sleep(0)  # let a disconnect already seen reach the watch
+            gone = self._watch.done()
+            await send(message)
+            self.delivered = not gone
+
+        return tracked
+
+    def close(self) -> None:
+        self._watch.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass(slots=True)
+class Dedupe:
+    """A request's part in an idempotency scope: the claim it owns, and whether its
+    client got the answer."""
+
+    claim: Claim | None = None
+    presence: Presence | None = None
+
+
 class ImagesEndpoint:
     def __init__(self, services: Services, kind: Literal["generations", "edits"]) -> None:
         self.s = services
@@ -83,20 +132,26 @@ class ImagesEndpoint:
         ex = exchange_of(scope)
         ex.route = self.route
         form: edits.EditForm | None = None
+        dedupe = Dedupe()
         self._in_flight.inc()
         try:
             admitted = await self._admit(scope, receive, ex)
             if isinstance(admitted.upstream_body, edits.EditForm):
                 form = admitted.upstream_body
-            await self._run(ex, admitted, send)
+            await self._run(ex, admitted, receive, send, dedupe)
         except ProxyError as error:
             ex.error_code = error.code
             self.s.metrics.rejections.labels(error.code or "invalid_request").inc()
-            await send_error(send, error)
+            presence = dedupe.presence
+            await send_error(presence.wrap(send) if presence else send, error)
         except ClientGone:
             ex.error_code = "client_gone"
         finally:
             self._in_flight.dec()
+            if dedupe.claim is not None:
+                await self._close_claim(dedupe, ex)
+            if dedupe.presence is not None:
+                dedupe.presence.close()
             form = form or scope["state"].pop("edit_form", None)
             if form is not None:
                 await form.close()
@@ -123,45 +178,47 @@ class ImagesEndpoint:
         caller.check_model(decision.model)
         return Admitted(headers, caller, decision, upstream_body)
 
-    async def _run(self, ex: Exchange, admitted: Admitted, send: Send) -> None:
+    async def _run(
+        self, ex: Exchange, admitted: Admitted, receive: Receive, send: Send, dedupe: Dedupe
+    ) -> None:
         idempotency = self.s.idempotency
-        found = await idempotency.begin(admitted.headers, admitted.caller.key, admitted.fingerprint)
+        headers = admitted.headers
+        if "x-stainless-retry-count" in headers and not headers.get("idempotency-key"):
+            # An SDK call: its retries join it only if its answer does not reach it.
+            dedupe.presence = Presence(receive)
+            send = dedupe.presence.wrap(send)
+        found = await idempotency.begin(headers, admitted.caller.key, admitted.fingerprint)
+        if found is None:
+            await self._charge_and_forward(ex, admitted, send, None)
+            return
         if isinstance(found, Replay):
-            if await idempotency.replay(found, send):
-                ex.replay = found.kind
-                return
-            if found.kind == "idempotency_key":
-                raise Conflict(
-                    "The stored answer for this Idempotency-Key is no longer available.",
-                    code="idempotent_result_unavailable",
-                )
-            found = None
-        claim: Claim | None = found
-        try:
-            await self._charge_and_forward(ex, admitted, send, claim)
-        except BaseException:
-            if claim is not None and claim.stored and ex.hold is None:
-                await idempotency.abandon(claim)  # refused before any money moved
-            raise
+            if not await idempotency.replay(found, send):
+                raise result_unavailable()  # never a second paid call
+            ex.replay = found.kind
+            if dedupe.presence is not None and dedupe.presence.delivered:
+                with contextlib.suppress(ProxyError):
+                    await idempotency.consume(found)
+            return
+        dedupe.claim = found
+        await self._charge_and_forward(ex, admitted, send, found)
 
     async def _charge_and_forward(
         self, ex: Exchange, admitted: Admitted, send: Send, claim: Claim | None
     ) -> None:
         decision = admitted.decision
         price = self._prices[decision.model]
-        pending = claim if claim is not None and not claim.stored else None
         hold = await self.s.ledger.hold(
             admitted.caller.key,
             decision.model,
             price * decision.images,
-            claim=pending.request() if pending else None,
+            claim=claim.request() if claim else None,
         )
         ex.hold, ex.held_micros = hold.id, hold.amount
-        if pending is not None:
+        if claim is not None and not claim.stored:
             if hold.claimed:
-                pending.stored = True
+                claim.stored = True
             else:  # an identical first attempt has the scope: this is a call of its own
-                pending.capture.discard()
+                claim.capture.discard()
                 claim = None
         call = Call(
             ex,
@@ -181,26 +238,33 @@ class ImagesEndpoint:
             if hold.outcome is None:
                 # Cancelled or failed in a way not foreseen: the upstream may have
                 # billed, so keep the money and say we do not know.
-                ex.uncertain_micros = hold.amount
-                await hold.settle(hold.amount, hold.amount)
+                cost = charge([Outcome.CRASH] * decision.calls, price)
+                ex.uncertain_micros = ex.cost_micros = cost.uncertain
+                await hold.settle(cost)
             ex.hold_outcome = hold.outcome
-            if claim is not None:
-                await self._close_claim(claim, ex, hold.outcome)
 
-    async def _close_claim(self, claim: Claim, ex: Exchange, outcome: str | None) -> None:
+    async def _close_claim(self, dedupe: Dedupe, ex: Exchange) -> None:
+        """Record how the claimed call ended, for its duplicates."""
+        claim = dedupe.claim
+        assert claim is not None
         idempotency = self.s.idempotency
+        delivered = dedupe.presence is not None and dedupe.presence.delivered
         try:
-            if ex.status == 200 and ex.images_returned:
+            if not claim.stored:
+                claim.capture.discard()  # never taken: the scope was someone else's
+            elif ex.hold_outcome is None or ex.hold_outcome == Resolution.RELEASED.value:
+                await idempotency.abandon(claim)  # nothing was billed
+            elif delivered:
+                await idempotency.abandon(claim)  # an answer that arrived is never joined
+            elif ex.status == 200 and ex.images_returned:
                 headers = [(b"content-type", b"application/json")]
                 if ex.adjusted:
                     headers.append((b"x-proxy-adjusted", ex.adjusted.encode()))
                 await idempotency.succeeded(claim, headers)
-            elif outcome == "released":
-                await idempotency.abandon(claim)
             else:
                 await idempotency.uncertain(claim)
         except ProxyError:
-            # The claim expires with the hold's deadline; nothing is lost but a replay.
+            # The claim ends with its hold's lease; nothing is lost but a replay.
             claim.capture.discard()
 
 
