@@ -1,10 +1,10 @@
 """Replay bodies of idempotent calls, kept apart from the ledger.
 
 A finished image answer can be 20 MB; it must never evict or block a budget write,
-so replay bodies live in their own store (``store.results_url``): ``memory://`` keeps
-them as files on local disk, bounded in total size, oldest dropped first; a Redis
-URL (ideally an instance of its own with ``allkeys-lru``) shares them across
-replicas. Bodies are captured to a temporary file while they stream, so memory per
+so replay bodies live in their own store (``store.replay_url``): local disk for a
+``memory://`` ledger, bounded in total size, oldest dropped first; a Redis (beside a
+shared ledger by default, or an instance of its own with ``allkeys-lru``) shares them
+across replicas. Bodies are captured to a temporary file while they stream, so memory per
 response stays bounded either way.
 """
 
@@ -89,7 +89,7 @@ class ResultStore(abc.ABC):
 
 
 def open_results(settings: StoreSettings) -> ResultStore:
-    if settings.results_url.startswith("memory"):
+    if settings.replay_url.startswith("memory"):
         return DiskResults(settings.results_total_bytes)
     return RedisResults(settings)
 
@@ -151,7 +151,7 @@ class RedisResults(ResultStore):
     def __init__(self, settings: StoreSettings) -> None:
         from .store.redis import connect
 
-        self._client: Any = connect(settings.results_url, settings, decode=False)
+        self._client: Any = connect(settings.replay_url, settings, decode=False)
         self._prefix = f"{settings.key_prefix}:res:"
 
     async def put(self, result_id: str, capture: Capture, ttl_seconds: float) -> bool:
