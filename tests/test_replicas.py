@@ -38,12 +38,8 @@ def upstream() -> Iterator[ThreadServer]:
 
 
 def replica_env(store_url: str, upstream: ThreadServer, **extra: str) -> dict[str, str]:
-    results = store_url
-    if store_url.startswith("redis://"):
-        # Replay bodies in another database here; in production another instance.
-        results = store_url.rpartition("/")[0] + "/1"
+    # No store.results_url: replay bodies go where they go by default.
     return {
-        "APIYI_PROXY_STORE__RESULTS_URL": results,
         "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
         "APIYI_API_KEY": UPSTREAM_KEY,
         "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -272,7 +268,10 @@ def test_sdk_retry_after_timeout_joins_the_first_call(
 def test_idempotency_key_replays_and_refuses_other_bodies(
     redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
 ) -> None:
-    proxies = [proxy_process(replica_env(redis_server.url, upstream)) for _ in range(2)]
+    # Replay bodies in another database here; in production another instance.
+    results = redis_server.url.rpartition("/")[0] + "/1"
+    env = replica_env(redis_server.url, upstream, APIYI_PROXY_STORE__RESULTS_URL=results)
+    proxies = [proxy_process(env) for _ in range(2)]
     key, _ = create_key(proxies[0])
     headers = {"authorization": f"Bearer {key}", "idempotency-key": "order-17"}
     body = {"prompt": "[fake:latency=0.5] one picture", "response_format": "url"}
@@ -300,3 +299,21 @@ def test_idempotency_key_replays_and_refuses_other_bodies(
     )
     assert other.status_code == 422
     assert billing(upstream)["images_billed"] == 1
+
+
+def test_replay_bodies_are_shared_by_replicas_by_default(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    a, b = (proxy_process(replica_env(redis_server.url, upstream)) for _ in range(2))
+    key, _ = create_key(a)
+    headers = {"authorization": f"Bearer {key}", "idempotency-key": "order-18"}
+    body = {"prompt": "[fake:image-bytes=600000] one picture"}  # several chunks
+    first = httpx.post(a.url + "/v1/images/generations", json=body, headers=headers, timeout=30)
+    assert first.status_code == 200, first.text
+    assert "x-proxy-replay" not in first.headers
+    again = httpx.post(b.url + "/v1/images/generations", json=body, headers=headers, timeout=30)
+    assert again.status_code == 200, again.text
+    assert again.headers["x-proxy-replay"] == "idempotency_key"
+    assert again.content == first.content
+    assert billing(upstream)["images_billed"] == 1
+    assert usage(b, key)["spent_usd"] == pytest.approx(0.03)
