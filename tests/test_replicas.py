@@ -7,6 +7,7 @@ Each test starts its own redis-server (or cluster) and fake upstream, then sever
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -317,3 +318,22 @@ def test_replay_bodies_are_shared_by_replicas_by_default(
     assert again.content == first.content
     assert billing(upstream)["images_billed"] == 1
     assert usage(b, key)["spent_usd"] == pytest.approx(0.03)
+
+
+def replay_warnings(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in proxy.output().splitlines() if line.startswith("{")]
+    return [line for line in lines if "replay bodies" in line["msg"]]
+
+
+def test_serve_warns_when_replay_bodies_stay_in_one_process_of_a_shared_ledger(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    local = {"APIYI_PROXY_STORE__RESULTS_URL": "memory://"}
+    replica = proxy_process(replica_env(redis_server.url, upstream, **local))
+    workers = proxy_process(replica_env(redis_server.url, upstream, **local), ["--workers", "2"])
+    shared = proxy_process(replica_env(redis_server.url, upstream))
+    for proxy in (replica, workers):
+        [warning] = replay_warnings(proxy)  # one line, also with several workers
+        assert warning["level"] == "warning"
+        assert "store.results_url" in warning["msg"]
+    assert replay_warnings(shared) == []
