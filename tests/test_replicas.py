@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 
@@ -337,3 +338,86 @@ def test_serve_warns_when_replay_bodies_stay_in_one_process_of_a_shared_ledger(
         assert warning["level"] == "warning"
         assert "store.results_url" in warning["msg"]
     assert replay_warnings(shared) == []
+
+
+def test_full_replay_space_never_blocks_a_ledger_write(
+    upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    # The ledger's Redis has only a little room beyond the replay space, and refuses
+    # writes rather than evict when full: without the cap, the replays stored here
+    # (about three times the space) would fill it and every budget write would fail.
+    total = 6 * 1024 * 1024
+    ledger = RedisServer(
+        ["--maxmemory", str(total + 4 * 1024 * 1024), "--maxmemory-policy", "noeviction"]
+    )
+    try:
+        env = replica_env(
+            ledger.url,
+            upstream,
+            APIYI_PROXY_STORE__RESULTS_TOTAL_BYTES=str(total),
+            APIYI_PROXY_STORE__TIMEOUT_SECONDS="3",  # exactness under test, not speed
+        )
+        a, b = proxy_process(env), proxy_process(env)
+        key, _ = create_key(a, daily_usd=100)
+        auth = {"authorization": f"Bearer {key}"}
+        big = {"prompt": "[fake:image-bytes=1000000] a large picture"}  # 1.3 MB of JSON
+        orders = [f"order-{i}" for i in range(12)]
+
+        async def replays_and_paid_calls() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            async with httpx.AsyncClient(timeout=60) as client:
+
+                async def stored_one_by_one() -> list[httpx.Response]:
+                    return [
+                        await client.post(
+                            a.url + "/v1/images/generations",
+                            json=big,
+                            headers={**auth, "idempotency-key": order},
+                        )
+                        for order in orders
+                    ]
+
+                replays, paid = await asyncio.gather(
+                    stored_one_by_one(), fire([a.url, b.url], key, 30)
+                )
+                return replays, paid
+
+        stored, paid = asyncio.run(replays_and_paid_calls())
+        assert all(r.status_code == 200 for r in stored), [r.text for r in stored]
+        assert all(r.status_code == 200 for r in paid), [r.text for r in paid]
+        after = asyncio.run(fire([a.url, b.url], key, 20))
+        assert all(r.status_code == 200 for r in after), [r.text for r in after]
+        assert billing(upstream)["images_billed"] == 12 + 30 + 20
+
+        # The newest bodies replay on the other replica; older ones made room and get a
+        # 409. Neither is paid for again.
+        again = [
+            httpx.post(
+                b.url + "/v1/images/generations",
+                json=big,
+                headers={**auth, "idempotency-key": order},
+                timeout=60,
+            )
+            for order in orders
+        ]
+        replayed = [r.status_code == 200 for r in again]
+        kept = sum(replayed)
+        assert replayed == [False] * (12 - kept) + [True] * kept
+        assert 3 <= kept and sum(len(r.content) for r in again if r.status_code == 200) <= total
+        for r in again[: 12 - kept]:
+            assert r.status_code == 409
+            assert r.json()["error"]["code"] == "idempotent_result_unavailable"
+        assert billing(upstream)["images_billed"] == 62
+
+        today = usage(b, key)
+        assert today["spent_usd"] == pytest.approx(0.03 * 62)
+        assert today["held_usd"] == 0
+        assert today["uncertain_usd"] == 0
+        client = redis.Redis.from_url(ledger.url)
+        try:
+            assert client.info("stats")["evicted_keys"] == 0
+            refusals = client.info("errorstats")
+            assert not any("OOM" in name for name in refusals), refusals
+        finally:
+            client.close()
+    finally:
+        ledger.stop()
