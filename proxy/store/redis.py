@@ -16,6 +16,7 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:keyhash:<hmac>            string "<g>|<id>": lookup by presented key
     apiyi:keygroups                 hash   key id -> group
     apiyi:groups, apiyi:teams       sets   for listing and the expiry sweep
+    apiyi:{res}:...                        replay bodies, capped (``proxy/results.py``)
 
 The money steps are the Lua scripts in ``proxy/lua`` (``common.lua`` prepended),
 loaded once and called by EVALSHA; every call is one round trip. On a single-node
