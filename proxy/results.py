@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -190,9 +191,12 @@ class RedisResults(ResultStore):
                 return False
             if await self._write_body(result_id, capture):
                 return True
-            await self._drop(keys=[base + "sizes"], args=[base, result_id])
         except (RedisError, OSError):
-            pass  # the reservation, if any, is reclaimed when it expires
+            pass
+        # Give the room back now rather than at the body's expiry, up to a day away;
+        # if even this fails, the next reservation reclaims it once expired.
+        with contextlib.suppress(RedisError, OSError):
+            await self._drop(keys=[base + "sizes"], args=[base, result_id])
         return False
 
     async def _write_body(self, result_id: str, capture: Capture) -> bool:

@@ -163,6 +163,19 @@ async def test_a_body_dropped_while_it_is_written_is_not_kept(open_results: Open
     assert not [k for k in keys if b"older" in k]  # no chunk left behind
 
 
+async def test_a_body_redis_refuses_gives_its_room_back() -> None:
+    full = RedisServer(["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"])
+    settings = StoreSettings(results_url=full.url, results_total_bytes=64 * 1024 * KB)
+    results = RedisResults(settings)
+    try:
+        assert not await keep(results, "large", os.urandom(4096 * KB))
+        assert await reserved_bytes(results) == 0
+        assert await replay_keys(results) in ([], [results._base.encode() + b"used"])
+    finally:
+        await results.close()
+        full.stop()
+
+
 @REDIS_ONLY
 async def test_replay_keys_share_one_hash_tag(open_results: Opener) -> None:
     results = open_results(1000 * KB)
