@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 ENV_PREFIX = "APIYI_PROXY_"
+STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
 
 # Fixed environment names (SPEC section 9): name -> (section, field).
@@ -110,11 +111,30 @@ class StoreSettings:
     on_error: Literal["closed", "open"] = "closed"
     key_prefix: str = "apiyi"
     max_connections: int = 64
-    # Replay bodies of idempotent calls live apart from the ledger so that a large
-    # image can never evict or block a budget write.
-    results_url: str = "memory://"
+    # Replay bodies of idempotent calls. Unset: the ledger's own Redis when it is
+    # shared (so every replica can replay), local disk when it is memory://. Either
+    # way their total is capped, so a large image can never crowd out the ledger.
+    results_url: str | None = None
     results_max_bytes: int = 32 * 1024 * 1024
     results_total_bytes: int = 512 * 1024 * 1024
+
+    @property
+    def shared(self) -> bool:
+        """The ledger lives in Redis, shared by every replica and worker."""
+        return not self.url.startswith("memory")
+
+    @property
+    def replay_url(self) -> str:
+        """Where replay bodies live: ``results_url``, else beside a shared ledger."""
+        if self.results_url:
+            return self.results_url
+        return self.url if self.shared else "memory://"
+
+    @property
+    def replays_local(self) -> bool:
+        """Replay bodies stay in this process while the ledger is shared: a duplicate
+        reaching another replica or worker cannot be replayed (it gets a 409)."""
+        return self.shared and self.replay_url.startswith("memory")
 
 
 @dataclass(frozen=True)
@@ -380,12 +400,19 @@ def _validate(s: Settings) -> None:
     need(s.upstream.max_connections >= 1, "upstream.max_connections", "must be >= 1")
     scheme = s.store.url.partition("://")[0]
     need(
-        scheme in ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel"),
+        scheme in STORE_SCHEMES,
         "store.url",
         "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
     )
     need(s.store.timeout_seconds > 0, "store.timeout_seconds", "must be > 0")
     need(s.ledger.lease_seconds >= 1, "ledger.lease_seconds", "must be >= 1")
+    need(
+        s.store.replay_url.partition("://")[0] in STORE_SCHEMES,
+        "store.results_url",
+        "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
+    )
+    need(s.store.results_max_bytes >= 0, "store.results_max_bytes", "must be >= 0")
+    need(s.store.results_total_bytes >= 0, "store.results_total_bytes", "must be >= 0")
     need(1 <= s.server.port <= 65535, "server.port", "must be 1..65535")
     need(s.server.workers >= 1, "server.workers", "must be >= 1")
     need(

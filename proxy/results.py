@@ -1,17 +1,19 @@
-"""Replay bodies of idempotent calls, kept apart from the ledger.
+"""Replay bodies of idempotent calls, where they can never crowd out the ledger.
 
-A finished image answer can be 20 MB; it must never evict or block a budget write,
-so replay bodies live in their own store (``store.results_url``): ``memory://`` keeps
-them as files on local disk, bounded in total size, oldest dropped first; a Redis
-URL (ideally an instance of its own with ``allkeys-lru``) shares them across
-replicas. Bodies are captured to a temporary file while they stream, so memory per
-response stays bounded either way.
+A finished image answer can be 20 MB; it must never evict or block a budget write.
+Bodies live where ``store.replay_url`` says: beside a shared ledger by default (so
+every replica can replay them), on local disk for a ``memory://`` ledger, or in a
+Redis of their own. Either way each body is capped (``results_max_bytes``), expires
+with its idempotency record and counts against a total (``results_total_bytes``);
+the oldest are dropped first to make room. Bodies are captured to a temporary file
+while they stream, so memory per response stays bounded.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import os
 import shutil
 import tempfile
@@ -23,6 +25,9 @@ from typing import IO, Any
 from .config import StoreSettings
 
 CHUNK = 256 * 1024
+# Just under 256 KiB: Redis keeps each chunk in one allocation with a few bytes of
+# header, and a full 256 KiB one would take jemalloc's next size class (320 KiB).
+REDIS_CHUNK = CHUNK - 1024
 
 
 class Capture:
@@ -50,14 +55,14 @@ class Capture:
     def complete(self) -> bool:
         return self._file is not None  # discarding closes it
 
-    def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self, size: int = CHUNK) -> AsyncIterator[bytes]:
         assert self._file is not None
         file = self._file
         file.flush()
 
         async def read() -> AsyncIterator[bytes]:
             offset = 0
-            while chunk := os.pread(file.fileno(), CHUNK, offset):
+            while chunk := os.pread(file.fileno(), size, offset):
                 offset += len(chunk)
                 yield chunk
 
@@ -89,7 +94,7 @@ class ResultStore(abc.ABC):
 
 
 def open_results(settings: StoreSettings) -> ResultStore:
-    if settings.results_url.startswith("memory"):
+    if settings.replay_url.startswith("memory"):
         return DiskResults(settings.results_total_bytes)
     return RedisResults(settings)
 
@@ -148,32 +153,67 @@ class DiskResults(ResultStore):
 
 
 class RedisResults(ResultStore):
-    def __init__(self, settings: StoreSettings) -> None:
-        from .store.redis import connect
+    """Replay bodies in Redis, reachable from every replica.
 
-        self._client: Any = connect(settings.results_url, settings, decode=False)
-        self._prefix = f"{settings.key_prefix}:res:"
+    All under one hash tag, so one script sees them all, on a cluster too::
+
+        apiyi:{res}:sizes      hash    body id -> bytes reserved
+        apiyi:{res}:expiry     zset    body id -> expiry (ms)
+        apiyi:{res}:order      zset    body id -> when stored (oldest dropped first)
+        apiyi:{res}:used       string  bytes reserved, never above results_total_bytes
+        apiyi:{res}:part:<id>  list    a body being written
+        apiyi:{res}:body:<id>  list    a complete body, renamed from part:<id>
+
+    Room is reserved before the first chunk is written and every chunk is checked
+    against its reservation (``proxy/lua/results_*.lua``), so in the ledger's own
+    Redis the bodies never take more than the cap.
+    """
+
+    def __init__(self, settings: StoreSettings) -> None:
+        from .store.redis import connect, load_script
+
+        self._client: Any = connect(settings.replay_url, settings, decode=False)
+        self._base = f"{settings.key_prefix}:{{res}}:"
+        self._total = settings.results_total_bytes
+        self._reserve = self._client.register_script(load_script("results_reserve"))
+        self._write = self._client.register_script(load_script("results_write"))
+        self._drop = self._client.register_script(load_script("results_drop"))
 
     async def put(self, result_id: str, capture: Capture, ttl_seconds: float) -> bool:
-        if not capture.complete:
-            return False
-        key = self._prefix + result_id
-        ttl = int(ttl_seconds * 1000)
         from redis.exceptions import RedisError
 
-        try:
-            await self._client.delete(key)
-            async for chunk in capture.chunks():
-                await self._client.rpush(key, chunk)
-            await self._client.pexpire(key, ttl)
-        except (RedisError, OSError):
+        if not capture.complete or not 0 < capture.size <= self._total:
             return False
-        return True
+        base, ttl = self._base, int(ttl_seconds * 1000)
+        try:
+            args = [base, result_id, capture.size, ttl, self._total]
+            if not await self._reserve(keys=[base + "sizes"], args=args):
+                return False
+            if await self._write_body(result_id, capture):
+                return True
+        except (RedisError, OSError):
+            pass
+        # Give the room back now rather than at the body's expiry, up to a day away;
+        # if even this fails, the next reservation reclaims it once expired.
+        with contextlib.suppress(RedisError, OSError):
+            await self._drop(keys=[base + "sizes"], args=[base, result_id])
+        return False
+
+    async def _write_body(self, result_id: str, capture: Capture) -> bool:
+        part = f"{self._base}part:{result_id}"
+        written = 0
+        async for chunk in capture.chunks(REDIS_CHUNK):
+            written += len(chunk)
+            last = "1" if written >= capture.size else "0"
+            args = [self._base, result_id, chunk, last]
+            if not await self._write(keys=[part], args=args):
+                return False  # dropped to make room for newer bodies
+        return written == capture.size
 
     async def get(self, result_id: str) -> AsyncIterator[bytes] | None:
         from redis.exceptions import RedisError
 
-        key = self._prefix + result_id
+        key = f"{self._base}body:{result_id}"
         try:
             count = int(await self._client.llen(key))
         except (RedisError, OSError):
@@ -185,7 +225,7 @@ class RedisResults(ResultStore):
             for index in range(count):
                 chunk = await self._client.lindex(key, index)
                 if chunk is None:
-                    raise RuntimeError("replay body expired while it was being sent")
+                    raise RuntimeError("replay body dropped while it was being sent")
                 yield chunk
 
         return read()

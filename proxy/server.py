@@ -58,6 +58,14 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
 
 def serve(settings: Settings, config_path: str | None = None) -> None:
     logs.setup(settings.log)
+    if settings.store.replays_local:
+        # Said once, here: a duplicate on another replica or worker would get a 409.
+        log.warning(
+            "replay bodies are kept per process (store.results_url memory://) while the "
+            "ledger is shared: an idempotent duplicate reaching another replica or worker "
+            "cannot be replayed and gets a 409; leave store.results_url unset to keep "
+            "them beside the ledger, or point it at a Redis"
+        )
     if settings.server.fake_upstream:
         settings = with_fake_upstream(settings)
     elif settings.auth.mode == "keys" and not settings.upstream.api_key:

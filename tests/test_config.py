@@ -74,6 +74,7 @@ def test_yaml_file_and_env_override(tmp_path: Path) -> None:
         ("policy:\n  default_model: nope\n", {}, "policy.default_model"),
         ("policy:\n  model_aliases: {a: nope}\n", {}, "policy.model_aliases.a"),
         ("store:\n  url: mysql://x\n", {}, "store.url"),
+        ("store:\n  results_url: /tmp/results\n", {}, "store.results_url"),
         ("upstream:\n  bogus: 1\n", {}, "upstream.bogus"),
         ("upstream:\n  api_key: sk-in-file\n", {}, "upstream.api_key"),
         ("ledger:\n  timezone: Mars/Olympus\n", {}, "ledger.timezone"),
@@ -89,6 +90,27 @@ def test_bad_config_names_the_field(
     with pytest.raises(config.ConfigError) as info:
         load(text, tmp_path, **env)
     assert field in str(info.value)
+
+
+def test_replay_bodies_live_beside_a_shared_ledger_unless_told_otherwise() -> None:
+    pepper = {"APIYI_PROXY_KEY_PEPPER": "pepper"}
+    alone = load()
+    assert alone.store.replay_url == "memory://" and not alone.store.replays_local
+    shared = load(APIYI_PROXY_STORE_URL="redis+cluster://r:7000", **pepper)
+    assert shared.store.replay_url == "redis+cluster://r:7000"
+    assert not shared.store.replays_local
+    apart = load(
+        APIYI_PROXY_STORE_URL="redis://ledger:6379/0",
+        APIYI_PROXY_STORE__RESULTS_URL="redis://results:6379/0",
+        **pepper,
+    )
+    assert apart.store.replay_url == "redis://results:6379/0"
+    local = load(
+        APIYI_PROXY_STORE_URL="redis://ledger:6379/0",
+        APIYI_PROXY_STORE__RESULTS_URL="memory://",
+        **pepper,
+    )
+    assert local.store.replay_url == "memory://" and local.store.replays_local
 
 
 def test_masked_hides_secrets() -> None:

@@ -7,6 +7,7 @@ Each test starts its own redis-server (or cluster) and fake upstream, then sever
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 
@@ -38,12 +40,8 @@ def upstream() -> Iterator[ThreadServer]:
 
 
 def replica_env(store_url: str, upstream: ThreadServer, **extra: str) -> dict[str, str]:
-    results = store_url
-    if store_url.startswith("redis://"):
-        # Replay bodies in another database here; in production another instance.
-        results = store_url.rpartition("/")[0] + "/1"
+    # No store.results_url: replay bodies go where they go by default.
     return {
-        "APIYI_PROXY_STORE__RESULTS_URL": results,
         "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
         "APIYI_API_KEY": UPSTREAM_KEY,
         "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -274,7 +272,10 @@ def test_sdk_retry_after_timeout_joins_the_first_call(
 def test_idempotency_key_replays_and_refuses_other_bodies(
     redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
 ) -> None:
-    proxies = [proxy_process(replica_env(redis_server.url, upstream)) for _ in range(2)]
+    # Replay bodies in another database here; in production another instance.
+    results = redis_server.url.rpartition("/")[0] + "/1"
+    env = replica_env(redis_server.url, upstream, APIYI_PROXY_STORE__RESULTS_URL=results)
+    proxies = [proxy_process(env) for _ in range(2)]
     key, _ = create_key(proxies[0])
     headers = {"authorization": f"Bearer {key}", "idempotency-key": "order-17"}
     body = {"prompt": "[fake:latency=0.5] one picture", "response_format": "url"}
@@ -302,3 +303,123 @@ def test_idempotency_key_replays_and_refuses_other_bodies(
     )
     assert other.status_code == 422
     assert billing(upstream)["images_billed"] == 1
+
+
+def test_replay_bodies_are_shared_by_replicas_by_default(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    a, b = (proxy_process(replica_env(redis_server.url, upstream)) for _ in range(2))
+    key, _ = create_key(a)
+    headers = {"authorization": f"Bearer {key}", "idempotency-key": "order-18"}
+    body = {"prompt": "[fake:image-bytes=600000] one picture"}  # several chunks
+    first = httpx.post(a.url + "/v1/images/generations", json=body, headers=headers, timeout=30)
+    assert first.status_code == 200, first.text
+    assert "x-proxy-replay" not in first.headers
+    again = httpx.post(b.url + "/v1/images/generations", json=body, headers=headers, timeout=30)
+    assert again.status_code == 200, again.text
+    assert again.headers["x-proxy-replay"] == "idempotency_key"
+    assert again.content == first.content
+    assert billing(upstream)["images_billed"] == 1
+    assert usage(b, key)["spent_usd"] == pytest.approx(0.03)
+
+
+def replay_warnings(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in proxy.output().splitlines() if line.startswith("{")]
+    return [line for line in lines if "replay bodies" in line["msg"]]
+
+
+def test_serve_warns_when_replay_bodies_stay_in_one_process_of_a_shared_ledger(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    local = {"APIYI_PROXY_STORE__RESULTS_URL": "memory://"}
+    replica = proxy_process(replica_env(redis_server.url, upstream, **local))
+    workers = proxy_process(replica_env(redis_server.url, upstream, **local), ["--workers", "2"])
+    shared = proxy_process(replica_env(redis_server.url, upstream))
+    for proxy in (replica, workers):
+        [warning] = replay_warnings(proxy)  # one line, also with several workers
+        assert warning["level"] == "warning"
+        assert "store.results_url" in warning["msg"]
+    assert replay_warnings(shared) == []
+
+
+def test_full_replay_space_never_blocks_a_ledger_write(
+    upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    # The ledger's Redis has only a little room beyond the replay space, and refuses
+    # writes rather than evict when full: without the cap, the replays stored here
+    # (about three times the space) would fill it and every budget write would fail.
+    total = 6 * 1024 * 1024
+    ledger = RedisServer(
+        ["--maxmemory", str(total + 4 * 1024 * 1024), "--maxmemory-policy", "noeviction"]
+    )
+    try:
+        env = replica_env(
+            ledger.url,
+            upstream,
+            APIYI_PROXY_STORE__RESULTS_TOTAL_BYTES=str(total),
+            APIYI_PROXY_STORE__TIMEOUT_SECONDS="3",  # exactness under test, not speed
+        )
+        a, b = proxy_process(env), proxy_process(env)
+        key, _ = create_key(a, daily_usd=100)
+        auth = {"authorization": f"Bearer {key}"}
+        big = {"prompt": "[fake:image-bytes=1000000] a large picture"}  # 1.3 MB of JSON
+        orders = [f"order-{i}" for i in range(12)]
+
+        async def replays_and_paid_calls() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            async with httpx.AsyncClient(timeout=60) as client:
+
+                async def stored_one_by_one() -> list[httpx.Response]:
+                    return [
+                        await client.post(
+                            a.url + "/v1/images/generations",
+                            json=big,
+                            headers={**auth, "idempotency-key": order},
+                        )
+                        for order in orders
+                    ]
+
+                replays, paid = await asyncio.gather(
+                    stored_one_by_one(), fire([a.url, b.url], key, 30)
+                )
+                return replays, paid
+
+        stored, paid = asyncio.run(replays_and_paid_calls())
+        assert all(r.status_code == 200 for r in stored), [r.text for r in stored]
+        assert all(r.status_code == 200 for r in paid), [r.text for r in paid]
+        after = asyncio.run(fire([a.url, b.url], key, 20))
+        assert all(r.status_code == 200 for r in after), [r.text for r in after]
+        assert billing(upstream)["images_billed"] == 12 + 30 + 20
+
+        # The newest bodies replay on the other replica; older ones made room and get a
+        # 409. Neither is paid for again.
+        again = [
+            httpx.post(
+                b.url + "/v1/images/generations",
+                json=big,
+                headers={**auth, "idempotency-key": order},
+                timeout=60,
+            )
+            for order in orders
+        ]
+        replayed = [r.status_code == 200 for r in again]
+        kept = sum(replayed)
+        assert replayed == [False] * (12 - kept) + [True] * kept
+        assert 3 <= kept and sum(len(r.content) for r in again if r.status_code == 200) <= total
+        for r in again[: 12 - kept]:
+            assert r.status_code == 409
+            assert r.json()["error"]["code"] == "idempotent_result_unavailable"
+        assert billing(upstream)["images_billed"] == 62
+
+        today = usage(b, key)
+        assert today["spent_usd"] == pytest.approx(0.03 * 62)
+        assert today["held_usd"] == 0
+        assert today["uncertain_usd"] == 0
+        client = redis.Redis.from_url(ledger.url)
+        try:
+            assert client.info("stats")["evicted_keys"] == 0
+            refusals = client.info("errorstats")
+            assert not any("OOM" in name for name in refusals), refusals
+        finally:
+            client.close()
+    finally:
+        ledger.stop()

@@ -85,3 +85,14 @@ local function claim(record, gone, fingerprint, ttl_ms, owner)
   redis.call('PEXPIRE', record, ttl_ms)
   return 1
 end
+
+-- Replay bodies (results_*.lua): all under one hash tag, `base` = "apiyi:{res}:".
+-- Forget one body and give its reserved bytes back.
+local function drop_result(base, id)
+  local size = tonumber(redis.call('HGET', base .. 'sizes', id) or '0')
+  redis.call('HDEL', base .. 'sizes', id)
+  redis.call('ZREM', base .. 'expiry', id)
+  redis.call('ZREM', base .. 'order', id)
+  redis.call('DEL', base .. 'part:' .. id, base .. 'body:' .. id)
+  if size > 0 then redis.call('DECRBY', base .. 'used', size) end
+end

@@ -18,6 +18,7 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:groups, apiyi:teams       sets   for listing
     apiyi:activegroups              zset   groups with open holds, by when last noted
                                            (the expiry sweep visits only these)
+    apiyi:{res}:...                        replay bodies, capped (``proxy/results.py``)
 
 The money steps are the Lua scripts in ``proxy/lua`` (``common.lua`` prepended),
 loaded once and called by EVALSHA; every call is one round trip. On a single-node
