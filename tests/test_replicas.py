@@ -129,7 +129,9 @@ def test_budget_exact_on_a_redis_cluster(
 def test_concurrency_and_rpm_hold_across_replicas(
     redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
 ) -> None:
-    proxies = [proxy_process(replica_env(redis_server.url, upstream)) for _ in range(3)]
+    # Limits are under test, not the store timeout (see budget_race).
+    env = replica_env(redis_server.url, upstream, APIYI_PROXY_STORE__TIMEOUT_SECONDS="3")
+    proxies = [proxy_process(env) for _ in range(3)]
     urls = [p.url for p in proxies]
     key, _ = create_key(proxies[0], concurrency=3)
     responses = asyncio.run(fire(urls, key, 12, "[fake:latency=1.5] x"))

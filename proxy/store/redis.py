@@ -29,7 +29,6 @@ else, and clusters and sentinels, use redis-py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Callable, Coroutine
@@ -155,6 +154,7 @@ class RedisStore(Store):
         self._key_lookup = client.register_script(load_script("key_lookup"))
         self._groups: dict[str, str] = {}
         self._noted: dict[str, float] = {}  # group -> when to note it active again
+        self._noting: set[asyncio.Future[None]] = set()
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
@@ -308,7 +308,7 @@ class RedisStore(Store):
                 Refusal(answer[0]), retry_after=None if retry_ms is None else retry_ms / 1000
             )
         if self._noted.get(group, 0.0) < time.monotonic():
-            await self._note(group)
+            self._note(group)
         flat = answer[1]
         remaining = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Reservation(team_remaining=remaining or None, claimed=answer[2] == 1)
@@ -347,22 +347,27 @@ class RedisStore(Store):
     async def mark_active(self, groups: list[str]) -> None:
         if not groups:
             return
-        now_ms = int(await self._server_ms())
-        await self.r.zadd(f"{self.p}:activegroups", dict.fromkeys(groups, now_ms))
         if len(self._noted) > NOTED_MOST:
             self._noted.clear()
         until = time.monotonic() + NOTE_AGAIN_SECONDS
         self._noted.update(dict.fromkeys(groups, until))
+        # This host's clock: skew between replicas is far inside the window.
+        now_ms = int(time.time() * 1000)
+        await self.r.zadd(f"{self.p}:activegroups", dict.fromkeys(groups, now_ms))
 
-    async def _note(self, group: str) -> None:
-        """Note a group with a new hold active, at most once a minute per process. The
-        hold stands whether or not this lands: its own key's next reserve sweeps it."""
-        with contextlib.suppress(StoreError):
-            await self.mark_active([group])
+    def _note(self, group: str) -> None:
+        """Note a group with a new hold active, at most once a minute per process, off
+        the request path. The hold stands whether or not this lands: its own key's next
+        reserve sweeps it, and its replica notes it at every renewal."""
+        self._noted[group] = time.monotonic() + NOTE_AGAIN_SECONDS
+        task = asyncio.ensure_future(self.mark_active([group]))
+        self._noting.add(task)
+        task.add_done_callback(self._noted_done)
 
-    async def _server_ms(self) -> int:
-        seconds, micros = await self.r.time()
-        return int(seconds) * 1000 + int(micros) // 1000
+    def _noted_done(self, task: asyncio.Future[None]) -> None:
+        self._noting.discard(task)
+        if not task.cancelled():
+            task.exception()  # a store error here is retried by the next renewal
 
     async def expire_holds(self) -> int:
         total = 0
@@ -376,7 +381,7 @@ class RedisStore(Store):
         """Groups noted active lately; older notes are dropped (their holds, if any,
         were past their deadline and swept long before)."""
         active = f"{self.p}:activegroups"
-        since = await self._server_ms() - ACTIVE_WINDOW_MS
+        since = int(time.time() * 1000) - ACTIVE_WINDOW_MS
         await self.r.zremrangebyscore(active, "-inf", f"({since}")
         groups: list[str] = await self.r.zrange(active, 0, -1)
         return groups
@@ -485,6 +490,9 @@ class RedisStore(Store):
         await self.r.ping()
 
     async def close(self) -> None:
+        for task in list(self._noting):
+            task.cancel()
+        await asyncio.gather(*self._noting, return_exceptions=True)
         if self._scripts is not None:
             await self._scripts.close()
         await self.r.aclose()
