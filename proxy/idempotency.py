@@ -39,7 +39,7 @@ from .ledger import Ledger
 from .metrics import Metrics
 from .results import Capture, ResultStore
 from .store import ClaimRequest, IdemRecord, IdemState, KeyRecord, group_of
-from .store.base import UNCERTAIN_STATUS
+from .store.base import CLAIM_LEASES, UNCERTAIN_STATUS
 
 POLL_SECONDS = (0.05, 0.1, 0.2, 0.25, 0.5)
 # A waiter whose first attempt finished unjoinable tries to take the scope again.
@@ -93,8 +93,8 @@ class Idempotency:
         self._explicit_ttl = float(settings.ledger.idempotency_ttl_seconds)
         self._join_ttl = float(settings.ledger.retry_join_seconds)
         self._result_limit = settings.store.results_max_bytes
-        # A claim is leased like a hold until the reserve links it to one.
-        self._lease = ledger.lease
+        # A claim is leased, and renewed with the hold the reserve links it to.
+        self._lease = ledger.lease * CLAIM_LEASES
         self._max_wait = ledger.max_call_seconds
 
     async def begin(

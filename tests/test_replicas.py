@@ -162,11 +162,12 @@ def test_crashed_replica_frees_its_slots_within_30_seconds(
     key, _ = create_key(survivor, concurrency=1, daily_usd=0.30)
     headers = {"authorization": f"Bearer {key}"}
     body = {"prompt": "[fake:latency=120] slow", "response_format": "url"}
+    claimed = {**headers, "idempotency-key": "doomed-1"}
     with httpx.Client(timeout=60) as client:
         doomed_call = threading.Thread(
             target=lambda: _ignore_errors(
                 lambda: client.post(
-                    doomed.url + "/v1/images/generations", json=body, headers=headers
+                    doomed.url + "/v1/images/generations", json=body, headers=claimed
                 )
             ),
         )
@@ -193,6 +194,11 @@ def test_crashed_replica_frees_its_slots_within_30_seconds(
             assert time.monotonic() - killed < 30, "the dead replica's slot outlived 30 s"
             time.sleep(0.5)
     assert freed.status_code == 200, freed.text
+    # The dead call's Idempotency-Key ended with its hold: it may have been billed, so
+    # a duplicate is refused rather than paid for again.
+    duplicate = httpx.post(survivor.url + "/v1/images/generations", json=body, headers=claimed)
+    assert duplicate.status_code == 409, duplicate.text
+    assert duplicate.json()["error"]["code"] == "idempotent_outcome_uncertain"
     today = usage(survivor, key)
     assert billing(upstream)["images_billed"] == 2
     assert today["spent_usd"] == pytest.approx(0.06)  # what the upstream billed

@@ -217,6 +217,9 @@ class IdemRecord:
 
 # The status a finished call is recorded with when it may or may not have been billed.
 UNCERTAIN_STATUS = 504
+# An in-flight claim is leased for this many hold leases: it must outlive its hold's
+# deadline until a sweep turns both into an uncertain outcome.
+CLAIM_LEASES = 4
 
 
 def group_of(key_id: str, team: str | None) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .base import (
+    CLAIM_LEASES,
     UNCERTAIN_STATUS,
     ClaimRequest,
     HoldRequest,
@@ -221,7 +222,7 @@ class MemoryStore(Store):
             renewed += 1
             entry = self._linked_claim(hold, now)
             if entry is not None and entry.record is IN_FLIGHT:
-                entry.until = max(entry.until, now + lease_seconds)
+                entry.until = max(entry.until, now + CLAIM_LEASES * lease_seconds)
         return renewed
 
     def _linked_claim(self, hold: _Hold, now: float) -> _Idem | None:
