@@ -6,6 +6,7 @@ Keys are created with their secret shown once; listing shows ``sk-…abcd`` only
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -19,9 +20,8 @@ from .exchange import exchange_of
 from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
+from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes
 from .store import KeyRecord, Limits, Team
-
-LIMIT_FIELDS = ("daily_usd", "monthly_usd", "rpm", "concurrency")
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -48,6 +48,7 @@ class Admin:
         self.auth = auth
         self.hasher = hasher
         self.models = {m.name for m in settings.policy.models}
+        self.default_limits = settings.ledger.default_limits()
 
     def routes(self) -> list[Route]:
         return [
@@ -93,22 +94,12 @@ class Admin:
         name = body.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise InvalidRequest("'name' is required: a non-empty string.", param="name")
-        unknown = set(body) - {"name", "team", "models", *LIMIT_FIELDS}
-        if unknown:
-            raise InvalidRequest(f"Unknown field {sorted(unknown)[0]!r}.", param=sorted(unknown)[0])
+        _refuse_unknown(body, {"name", "team", "models", *KEY_LIMIT_FIELDS})
         secret, record = issue_key(
             self.hasher,
             name.strip(),
             team=_team(body.get("team")),
-            limits=_limits(
-                body,
-                Limits(
-                    daily_micros=round(self.settings.ledger.default_daily_usd * 1e6),
-                    monthly_micros=round(self.settings.ledger.default_monthly_usd * 1e6),
-                    rpm=self.settings.ledger.default_rpm,
-                    concurrency=self.settings.ledger.default_concurrency,
-                ),
-            ),
+            limits=_limits(body, self.default_limits),
             models=self._models(body.get("models")),
         )
         await self.ledger.call("admin", lambda: self.store.add_key(record))
@@ -121,9 +112,7 @@ class Admin:
     async def update_key(self, request: Request) -> Response:
         record = await self._key(request)
         body = parse_json_object(await request.body())
-        unknown = set(body) - {"name", "team", "models", "revoked", *LIMIT_FIELDS}
-        if unknown:
-            raise InvalidRequest(f"Unknown field {sorted(unknown)[0]!r}.", param=sorted(unknown)[0])
+        _refuse_unknown(body, {"name", "team", "models", "revoked", *KEY_LIMIT_FIELDS})
         changes: dict[str, Any] = {"limits": _limits(body, record.limits)}
         if "name" in body:
             if not isinstance(body["name"], str) or not body["name"].strip():
@@ -179,12 +168,12 @@ class Admin:
 
     async def put_team(self, request: Request) -> Response:
         body = parse_json_object(await request.body())
+        _refuse_unknown(body, {"name", *TEAM_LIMIT_FIELDS})
         name = request.path_params.get("team") or _team(body.get("name"))
         if not name:
             raise InvalidRequest("'name' is required.", param="name")
         current = await self.ledger.call("admin", lambda: self.store.team(name))
-        limits = _limits(body, current.limits if current else Limits())
-        team = Team(name, Limits(limits.daily_micros, limits.monthly_micros))
+        team = Team(name, _limits(body, current.limits if current else Limits(), TEAM_LIMIT_FIELDS))
         await self.ledger.call("admin", lambda: self.store.put_team(team))
         return json_response(team.public(), 200 if current else 201)
 
@@ -244,6 +233,12 @@ class Admin:
         return {"today": day.as_usd(), "this_month": month.as_usd()}
 
 
+def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise InvalidRequest(f"Unknown field {unknown[0]!r}.", param=unknown[0])
+
+
 def _team(value: object) -> str | None:
     if value is None:
         return None
@@ -254,25 +249,13 @@ def _team(value: object) -> str | None:
     return value.strip()
 
 
-def _limits(body: dict[str, Any], base: Limits) -> Limits:
-    values = {
-        "daily_micros": base.daily_micros,
-        "monthly_micros": base.monthly_micros,
-        "rpm": base.rpm,
-        "concurrency": base.concurrency,
-    }
-    for name in LIMIT_FIELDS:
-        if name not in body:
-            continue
-        value = body[name]
-        if value is None:
-            value = 0
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise InvalidRequest(f"'{name}' must be a number >= 0 (or null).", param=name)
-        if name.endswith("_usd"):
-            values[name.replace("_usd", "_micros")] = round(value * 1_000_000)
-        else:
-            if value != int(value):
-                raise InvalidRequest(f"'{name}' must be a whole number.", param=name)
-            values[name] = int(value)
-    return Limits(**values)
+def _limits(
+    body: dict[str, Any], base: Limits, fields: tuple[str, ...] = KEY_LIMIT_FIELDS
+) -> Limits:
+    """``base`` with the limits ``body`` sets; null is no limit and 0 allows nothing."""
+    try:
+        return replace(base, **limit_changes(body, fields))
+    except LimitError as error:
+        raise InvalidRequest(
+            f"'{error.field}' {error.reason}, or null for no limit.", param=error.field
+        ) from None

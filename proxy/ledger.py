@@ -287,7 +287,7 @@ class Ledger:
                 tally = await self.call(
                     "tally", functools.partial(self.store.tally, "team", team.name, period)
                 )
-                if tally.limit:
+                if tally.limit is not None:
                     remaining = tally.remaining or 0
                     self._metrics.budget_remaining_usd.labels(team.name, kind).set(remaining / 1e6)
                     self._metrics.budget_limit_usd.labels(team.name, kind).set(tally.limit / 1e6)

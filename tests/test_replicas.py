@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 
@@ -300,3 +301,56 @@ def test_idempotency_key_replays_and_refuses_other_bodies(
     )
     assert other.status_code == 422
     assert billing(upstream)["images_billed"] == 1
+
+
+# limits across upgrades ------------------------------------------------------------------
+
+
+def admin(proxy: ProxyProcess, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, proxy.url + path, headers=ADMIN, timeout=10, **kwargs)
+
+
+def team_today(proxy: ProxyProcess, team: str) -> dict[str, Any]:
+    rows = admin(proxy, "GET", "/admin/usage", params={"team": team}).json()["teams"]
+    assert [r["team"] for r in rows] == [team]
+    today: dict[str, Any] = rows[0]["today"]
+    return today
+
+
+def spend(proxy: ProxyProcess, key: str, calls: int) -> list[int]:
+    """Calls one after the other; their statuses."""
+    statuses = []
+    for _ in range(calls):
+        response = httpx.post(
+            proxy.url + "/v1/images/generations",
+            json={"prompt": "p", "response_format": "url"},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "budget_exceeded", response.text
+        statuses.append(response.status_code)
+    return statuses
+
+
+def test_legacy_zero_limit_records_still_mean_no_limit(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    proxy = proxy_process(replica_env(redis_server.url, upstream))
+    assert admin(proxy, "POST", "/admin/teams", json={"name": "old", "daily_usd": 0.03}).is_success
+    key, key_id = create_key(proxy, team="old", daily_usd=0.03, rpm=100, concurrency=5)
+    # Rewrite both records as the previous version wrote them: 0 for no limit, no mark.
+    with redis.Redis.from_url(redis_server.url) as client:
+        record, team = f"apiyi:{{t:old}}:key:{key_id}", "apiyi:{t:old}:team"
+        client.hset(record, mapping={"daily": 0, "monthly": 0, "rpm": 0, "concurrency": 0})
+        client.hset(team, mapping={"daily": 0, "monthly": 0})
+        client.hdel(record, "format")
+        client.hdel(team, "format")
+
+    shown = admin(proxy, "GET", f"/admin/keys/{key_id}").json()
+    assert [shown[f] for f in ("daily_usd", "monthly_usd", "rpm", "concurrency")] == [None] * 4
+    assert spend(proxy, key, 3) == [200, 200, 200]
+    assert billing(upstream)["images_billed"] == 3
+    assert usage(proxy, key)["spent_usd"] == pytest.approx(0.09)
+    today = team_today(proxy, "old")
+    assert today["spent_usd"] == pytest.approx(0.09) and today["limit_usd"] is None
