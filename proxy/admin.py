@@ -20,7 +20,7 @@ from .exchange import exchange_of
 from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
-from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes
+from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes, team_name
 from .store import KeyRecord, Limits, Team
 
 
@@ -169,9 +169,7 @@ class Admin:
     async def put_team(self, request: Request) -> Response:
         body = parse_json_object(await request.body())
         _refuse_unknown(body, {"name", *TEAM_LIMIT_FIELDS})
-        name = request.path_params.get("team") or _team(body.get("name"))
-        if not name:
-            raise InvalidRequest("'name' is required.", param="name")
+        name = _team_name(request.path_params.get("team", body.get("name")), "name")
         current = await self.ledger.call("admin", lambda: self.store.team(name))
         team = Team(name, _limits(body, current.limits if current else Limits(), TEAM_LIMIT_FIELDS))
         await self.ledger.call("admin", lambda: self.store.put_team(team))
@@ -240,13 +238,16 @@ def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:
 
 
 def _team(value: object) -> str | None:
+    return None if value is None else _team_name(value, "team")
+
+
+def _team_name(value: object, param: str) -> str:
     if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > 100:
-        raise InvalidRequest("'team' must be a non-empty string.", param="team")
-    if any(c in value for c in "{}:"):
-        raise InvalidRequest("'team' may not contain '{', '}' or ':'.", param="team")
-    return value.strip()
+        raise InvalidRequest(f"'{param}' is required.", param=param)
+    try:
+        return team_name(value)
+    except LimitError as error:
+        raise InvalidRequest(f"'{param}': {error.reason}.", param=param) from None
 
 
 def _limits(

@@ -24,6 +24,7 @@ from .limits import (
     TEAM_LIMIT_FIELDS,
     LimitError,
     limit_changes,
+    team_name,
     usd_to_micros,
     whole_count,
 )
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
     create = key_commands.add_parser("create", help="issue a key (shown once)")
     create.add_argument("--name", required=True)
-    create.add_argument("--team")
+    create.add_argument("--team", type=_team_flag)
     _key_flags(create)
     create.set_defaults(run=_keys_create)
     listing = key_commands.add_parser("list", help="list keys")
@@ -87,13 +88,13 @@ def _parser() -> argparse.ArgumentParser:
     update = key_commands.add_parser("update", help="change a key's name, team or limits")
     update.add_argument("key_id")
     update.add_argument("--name")
-    update.add_argument("--team", help="only to confirm it: fixed at creation")
+    update.add_argument("--team", type=_team_flag, help="only to confirm it: fixed at creation")
     _key_flags(update)
     update.set_defaults(run=_keys_update)
 
     teams = commands.add_parser("teams", help="set a team's budgets")
     teams.add_argument("--config")
-    teams.add_argument("name")
+    teams.add_argument("name", type=_team_flag)
     _limit_flags(teams, TEAM_LIMIT_FIELDS)
     teams.set_defaults(run=_teams_set)
 
@@ -143,6 +144,13 @@ def _limit_flag(rule: Callable[[object], int | None]) -> Callable[[str], object]
         return value
 
     return parse
+
+
+def _team_flag(text: str) -> str:
+    try:
+        return team_name(text)
+    except LimitError as error:
+        raise argparse.ArgumentTypeError(error.reason) from None
 
 
 def _settings(args: argparse.Namespace, **server: Any) -> Settings:

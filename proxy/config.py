@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .limits import TEAM_LIMIT_FIELDS, LimitError, Limits, limit_changes
+from .limits import TEAM_LIMIT_FIELDS, LimitError, Limits, limit_changes, team_name
 
 ENV_PREFIX = "APIYI_PROXY_"
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
@@ -155,6 +155,7 @@ class LedgerSettings:
         seeds = {}
         for name, budget in self.teams.items():
             try:
+                team_name(name)
                 unknown = sorted(set(budget or {}) - set(TEAM_LIMIT_FIELDS))
                 if unknown:
                     raise LimitError("unknown setting", unknown[0])

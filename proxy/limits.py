@@ -7,11 +7,15 @@ here, so that one rule holds everywhere:
 - ``0`` allows nothing: no money spent, no request, no call in flight;
 - a positive amount below one micro-dollar cannot be counted and is refused, as are
   negative, non-numeric and absurdly large values; rpm and concurrency are whole numbers.
+
+Team names are ``[A-Za-z0-9._-]{1,64}``: they become part of Redis keys and hash
+tags, and the key lookup splits on ``|``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -20,6 +24,7 @@ MICROS_PER_USD = 1_000_000
 # exactly (the store's scripts add them up as doubles).
 MAX_USD = 1_000_000_000
 MAX_COUNT = 1_000_000_000
+TEAM_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 # User-facing field -> Limits field.
 USD_FIELDS = {"daily_usd": "daily_micros", "monthly_usd": "monthly_micros"}
@@ -39,7 +44,7 @@ class Limits:
 
 
 class LimitError(ValueError):
-    """A value a user gave for a limit is not acceptable.
+    """A value a user gave for a limit or a team name is not acceptable.
 
     ``field`` names it as the user spelled it (``daily_usd``), when known. The reason
     does not say how to ask for no limit: each caller adds its own spelling of that.
@@ -97,3 +102,9 @@ def limit_changes(
         except LimitError as error:
             raise LimitError(error.reason, name) from None
     return changes
+
+
+def team_name(value: object) -> str:
+    if not isinstance(value, str) or not TEAM_NAME.fullmatch(value):
+        raise LimitError("a team name is 1 to 64 of the characters A-Z a-z 0-9 . _ -")
+    return value

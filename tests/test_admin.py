@@ -212,3 +212,20 @@ def test_budget_below_one_micro_dollar_is_refused_naming_the_field(fake: Any, pr
     assert generate(proxy, key["key"]).status_code == 200
     assert billing(fake[1])["images_billed"] == 1
     assert ledger_spent_usd(proxy) == pytest.approx(PRICE_USD)
+
+
+def test_team_name_with_a_bar_is_refused(fake: Any, proxy: Proxy) -> None:
+    for name in ("a|b", "a b", "x" * 65, ""):
+        key = proxy.admin("POST", "/admin/keys", json={"name": "k", "team": name})
+        assert key.status_code == 400 and key.json()["error"]["param"] == "team", name
+        team = proxy.admin("POST", "/admin/teams", json={"name": name, "daily_usd": 1})
+        assert team.status_code == 400 and team.json()["error"]["param"] == "name", name
+    patched = proxy.admin("PATCH", "/admin/teams/a|b", json={"daily_usd": 1})
+    assert patched.status_code == 400 and patched.json()["error"]["param"] == "name"
+    assert proxy.admin("GET", "/admin/teams").json()["data"] == []
+    assert proxy.admin("GET", "/admin/keys").json()["data"] == []
+    # A valid name of the whole charset works end to end (the bar used to give 401).
+    key = proxy.new_key(team="Team_1.eu-west")
+    assert generate(proxy, key).status_code == 200
+    assert billing(fake[1])["images_billed"] == 1
+    assert ledger_spent_usd(proxy) == pytest.approx(PRICE_USD)

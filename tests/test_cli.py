@@ -137,6 +137,8 @@ def test_cli_update_to_zero_keeps_a_zero_budget(
         (("keys", "create", "--name", "b", "--monthly-usd", "-1"), "--monthly-usd"),
         (("keys", "create", "--name", "b", "--daily-usd", "lots"), "--daily-usd"),
         (("keys", "create", "--name", "b", "--rpm", "1.5"), "--rpm"),
+        (("keys", "create", "--name", "b", "--team", "a|b"), "--team"),
+        (("teams", "a|b", "--daily-usd", "1"), "name"),
         (("teams", "design", "--daily-usd", "0.0000001"), "--daily-usd"),
     ],
 )

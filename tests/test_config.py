@@ -88,6 +88,7 @@ def test_yaml_file_and_env_override(tmp_path: Path) -> None:
         ("ledger:\n  teams: {d: {daily_usd: 0.0000001}}\n", {}, "ledger.teams.d.daily_usd"),
         ("ledger:\n  teams: {d: {monthly_usd: -5}}\n", {}, "ledger.teams.d.monthly_usd"),
         ("ledger:\n  teams: {d: {rpm: 5}}\n", {}, "ledger.teams.d.rpm"),
+        ("ledger:\n  teams: {'a|b': {daily_usd: 1}}\n", {}, "ledger.teams.a|b"),
     ],
 )
 def test_bad_config_names_the_field(

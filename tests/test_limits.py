@@ -1,4 +1,4 @@
-"""The one reading of user-given limits (admin API, CLI and config)."""
+"""The one reading of user-given limits and team names (admin API, CLI and config)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from proxy.limits import (
     LimitError,
     Limits,
     limit_changes,
+    team_name,
     usd_to_micros,
     whole_count,
 )
@@ -65,3 +66,16 @@ def test_limit_changes_name_the_field_and_leave_absent_ones_alone() -> None:
     assert limit_changes({"rpm": -1, "daily_usd": 1}, TEAM_LIMIT_FIELDS) == {
         "daily_micros": 1_000_000
     }
+
+
+@pytest.mark.parametrize("name", ["design", "a", "Team_1.eu-west", "x" * 64])
+def test_team_names_accepted(name: str) -> None:
+    assert team_name(name) == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "a|b", "a{b}", "a:b", "a b", " design", "x" * 65, "é", None, 5]
+)
+def test_team_names_refused(name: object) -> None:
+    with pytest.raises(LimitError):
+        team_name(name)
