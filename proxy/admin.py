@@ -95,13 +95,18 @@ class Admin:
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise InvalidRequest("'name' is required: a non-empty string.", param="name")
         _refuse_unknown(body, {"name", "team", "models", *KEY_LIMIT_FIELDS})
+        team = _team(body.get("team"))
         secret, record = issue_key(
             self.hasher,
             name.strip(),
-            team=_team(body.get("team")),
+            team=team,
             limits=_limits(body, self.default_limits),
             models=self._models(body.get("models")),
         )
+        if team is not None:
+            # A config team the store lost (a flushed Redis) is back before its new key
+            # can spend, or the key would be bound by no team budget at all.
+            await self.ledger.seed_team(team)
         await self.ledger.call("admin", lambda: self.store.add_key(record))
         return json_response({**record.public(), "key": secret}, 201)
 

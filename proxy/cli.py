@@ -239,6 +239,10 @@ def _keys_create(args: argparse.Namespace) -> int:
             limits=_limits_from(args, settings.ledger.default_limits()),
             models=tuple(args.models or ()),
         )
+        seeds = settings.ledger.team_seeds()
+        if args.team in seeds:
+            # As the admin API does: a config team the store lost binds its new key.
+            await store.seed_team(Team(args.team, seeds[args.team]))
         await store.add_key(record)
         _print({**record.public(), "key": secret})
         print("The key is shown this once; store it now.", file=sys.stderr)

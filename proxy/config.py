@@ -137,7 +137,7 @@ class LedgerSettings:
     default_monthly_usd: float | None = None
     default_rpm: int | None = None
     default_concurrency: int | None = None
-    # Team budgets set at start-up; a budget left out or null is no limit.
+    # Seeds: created in the store when absent, never overwriting a team changed there.
     teams: Mapping[str, Mapping[str, float | None] | None] = field(default_factory=dict)
 
     def default_limits(self) -> Limits:

@@ -34,6 +34,7 @@ from .store import (
     Refusal,
     Store,
     StoreError,
+    Team,
     group_of,
 )
 
@@ -102,6 +103,10 @@ class Ledger:
         self._periods_second = -1
         self._ids = random.Random()  # hold ids need to be unique, not unpredictable
         self._periods = Periods("", "")
+        # The config file's teams: created in the store when absent, never overwritten.
+        self._seeds = {
+            name: Team(name, limits) for name, limits in settings.ledger.team_seeds().items()
+        }
 
     # store calls ---------------------------------------------------------------------
     async def call(self, operation: str, step: Callable[[], Awaitable[T]]) -> T:
@@ -278,9 +283,24 @@ class Ledger:
                 if expired:
                     self._metrics.holds_resolved.labels("expired").inc(expired)
 
+    async def seed_teams(self) -> None:
+        """Create the config file's teams the store lacks: at start-up, and again after
+        the store lost its data. A team changed through the admin API is left alone."""
+        for name in self._seeds:
+            await self.seed_team(name)
+
+    async def seed_team(self, name: str) -> None:
+        team = self._seeds.get(name)
+        if team is None:
+            return
+        if await self.call("teams", functools.partial(self.store.seed_team, team)):
+            log.info("team %s created from the config file", name)
+
     async def refresh_budgets(self) -> None:
-        """Set the team budget gauges from the store: a quiet team's gauge must not
-        keep yesterday's value, and a new period starts full."""
+        """Re-seed the config file's teams, then set the team budget gauges from the
+        store: a quiet team's gauge must not keep yesterday's value, and a new period
+        starts full."""
+        await self.seed_teams()
         periods = self.periods()
         for team in await self.call("teams", self.store.teams):
             for kind, period in (("day", periods.day), ("month", periods.month)):

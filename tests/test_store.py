@@ -348,6 +348,21 @@ async def test_zero_limits_allow_nothing_and_none_is_no_limit(store: Store) -> N
     assert (await store.reserve(hold(member))).ok
 
 
+async def test_seed_team_creates_only_an_absent_team(store: Store) -> None:
+    seed = Team("design", Limits(daily_micros=90_000))
+    assert await store.seed_team(seed)
+    assert await store.team("design") == seed
+    cut = Team("design", Limits(daily_micros=30_000))
+    await store.put_team(cut)  # an emergency cut through the admin API
+    assert not await store.seed_team(seed)
+    assert await store.team("design") == cut
+    # A seed with no budget at all is still a team, and still not overwritten.
+    assert await store.seed_team(Team("open", Limits()))
+    assert not await store.seed_team(Team("open", Limits(daily_micros=0)))
+    assert await store.team("open") == Team("open", Limits())
+    assert [t.name for t in await store.teams()] == ["design", "open"]
+
+
 async def test_legacy_records_read_zero_as_no_limit(redis_for_store: RedisServer) -> None:
     # Records written before 0 meant "nothing" stored 0 for no limit and carry no
     # format mark; reading them as zero budgets would block every key on upgrade.

@@ -244,6 +244,11 @@ class Store(abc.ABC):
     async def put_team(self, team: Team) -> None: ...
 
     @abc.abstractmethod
+    async def seed_team(self, team: Team) -> bool:
+        """Create ``team`` only if the store has no team of that name; True if it did.
+        One atomic step, so a team changed meanwhile is never overwritten."""
+
+    @abc.abstractmethod
     async def team(self, name: str) -> Team | None: ...
 
     @abc.abstractmethod

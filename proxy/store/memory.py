@@ -102,6 +102,12 @@ class MemoryStore(Store):
     async def put_team(self, team: Team) -> None:
         self._teams[team.name] = team
 
+    async def seed_team(self, team: Team) -> bool:
+        if team.name in self._teams:
+            return False
+        self._teams[team.name] = team
+        return True
+
     async def team(self, name: str) -> Team | None:
         return self._teams.get(name)
 

@@ -145,6 +145,7 @@ class RedisStore(Store):
         self._idem_begin = client.register_script(load_script("idem_begin"))
         self._idem_abandon = client.register_script(load_script("idem_abandon"))
         self._key_lookup = client.register_script(load_script("key_lookup"))
+        self._seed_team = client.register_script(load_script("seed_team"))
         self._groups: dict[str, str] = {}
 
     @classmethod
@@ -251,8 +252,21 @@ class RedisStore(Store):
     async def put_team(self, team: Team) -> None:
         group = group_of("", team.name)
         await self._write_record(self._base(group) + "team", _team_fields(team))
-        await self.r.sadd(f"{self.p}:teams", team.name)
-        await self.r.sadd(f"{self.p}:groups", group)
+        await self._list_team(team.name)
+
+    async def seed_team(self, team: Team) -> bool:
+        group = group_of("", team.name)
+        present = {k: v for k, v in _team_fields(team).items() if v is not None}
+        flat = [item for pair in present.items() for item in pair]
+        created = await self._run(self._seed_team, [self._base(group) + "team"], flat)
+        # Listed whatever the answer: a seed that died between the two steps is completed.
+        await self._list_team(team.name)
+        return bool(created)
+
+    @_translated
+    async def _list_team(self, name: str) -> None:
+        await self.r.sadd(f"{self.p}:teams", name)
+        await self.r.sadd(f"{self.p}:groups", group_of("", name))
 
     @_translated
     async def team(self, name: str) -> Team | None:
@@ -407,6 +421,7 @@ class RedisStore(Store):
             self._idem_begin,
             self._idem_abandon,
             self._key_lookup,
+            self._seed_team,
         )
         for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
