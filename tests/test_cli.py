@@ -98,6 +98,11 @@ def test_keys_teams_and_usage_on_redis(redis_server: RedisServer) -> None:
     assert usage["teams"][0]["team"] == "design"
     assert usage["teams"][0]["today"]["limit_usd"] == 50
 
+    frozen = json.loads(cli("teams", "design", "--daily-usd", "0", env=env).stdout)
+    assert frozen["daily_usd"] == 0.0
+    lifted = json.loads(cli("teams", "design", "--daily-usd", "none", env=env).stdout)
+    assert lifted["daily_usd"] is None and lifted["monthly_usd"] is None
+
 
 def test_cli_update_to_zero_keeps_a_zero_budget(
     redis_server: RedisServer, fake: Any, start_proxy: Callable[..., Proxy]
