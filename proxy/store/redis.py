@@ -252,7 +252,8 @@ class RedisStore(Store):
     async def put_team(self, team: Team) -> None:
         group = group_of("", team.name)
         await self._write_record(self._base(group) + "team", _team_fields(team))
-        await self._list_team(team.name)
+        await self.r.sadd(f"{self.p}:teams", team.name)
+        await self.r.sadd(f"{self.p}:groups", group)
 
     async def seed_team(self, team: Team) -> bool:
         group = group_of("", team.name)
