@@ -175,6 +175,8 @@ class Admin:
         body = parse_json_object(await request.body())
         _refuse_unknown(body, {"name", *TEAM_LIMIT_FIELDS})
         name = _team_name(request.path_params.get("team", body.get("name")), "name")
+        # A change to a config team the store lost starts from its seed, not from nothing.
+        await self.ledger.seed_team(name)
         current = await self.ledger.call("admin", lambda: self.store.team(name))
         team = Team(name, _limits(body, current.limits if current else Limits(), TEAM_LIMIT_FIELDS))
         await self.ledger.call("admin", lambda: self.store.put_team(team))

@@ -394,6 +394,12 @@ def test_config_team_is_restored_after_the_store_lost_its_data(
     assert today["spent_usd"] == pytest.approx(billed_since * 0.03)
     assert today["limit_usd"] == 0.06 and today["remaining_usd"] == 0
 
+    # Lost again, then changed through the admin API: the change starts from the seed.
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    patched = admin(proxy, "PATCH", "/admin/teams/design", json={"monthly_usd": 1})
+    assert (patched.json()["daily_usd"], patched.json()["monthly_usd"]) == (0.06, 1.0)
+
 
 def test_legacy_zero_limit_records_still_mean_no_limit(
     redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
