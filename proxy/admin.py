@@ -6,6 +6,7 @@ Keys are created with their secret shown once; listing shows ``sk-…abcd`` only
 from __future__ import annotations
 
 import hmac
+from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
@@ -19,9 +20,8 @@ from .exchange import exchange_of
 from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
+from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes, team_name
 from .store import KeyRecord, Limits, Team
-
-LIMIT_FIELDS = ("daily_usd", "monthly_usd", "rpm", "concurrency")
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -48,6 +48,7 @@ class Admin:
         self.auth = auth
         self.hasher = hasher
         self.models = {m.name for m in settings.policy.models}
+        self.default_limits = settings.ledger.default_limits()
 
     def routes(self) -> list[Route]:
         return [
@@ -93,24 +94,19 @@ class Admin:
         name = body.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise InvalidRequest("'name' is required: a non-empty string.", param="name")
-        unknown = set(body) - {"name", "team", "models", *LIMIT_FIELDS}
-        if unknown:
-            raise InvalidRequest(f"Unknown field {sorted(unknown)[0]!r}.", param=sorted(unknown)[0])
+        _refuse_unknown(body, {"name", "team", "models", *KEY_LIMIT_FIELDS})
+        team = _team(body.get("team"))
         secret, record = issue_key(
             self.hasher,
             name.strip(),
-            team=_team(body.get("team")),
-            limits=_limits(
-                body,
-                Limits(
-                    daily_micros=round(self.settings.ledger.default_daily_usd * 1e6),
-                    monthly_micros=round(self.settings.ledger.default_monthly_usd * 1e6),
-                    rpm=self.settings.ledger.default_rpm,
-                    concurrency=self.settings.ledger.default_concurrency,
-                ),
-            ),
+            team=team,
+            limits=_limits(body, self.default_limits),
             models=self._models(body.get("models")),
         )
+        if team is not None:
+            # A config team the store lost (a flushed Redis) is back before its new key
+            # can spend, or the key would be bound by no team budget at all.
+            await self.ledger.seed_team(team)
         await self.ledger.call("admin", lambda: self.store.add_key(record))
         return json_response({**record.public(), "key": secret}, 201)
 
@@ -121,9 +117,7 @@ class Admin:
     async def update_key(self, request: Request) -> Response:
         record = await self._key(request)
         body = parse_json_object(await request.body())
-        unknown = set(body) - {"name", "team", "models", "revoked", *LIMIT_FIELDS}
-        if unknown:
-            raise InvalidRequest(f"Unknown field {sorted(unknown)[0]!r}.", param=sorted(unknown)[0])
+        _refuse_unknown(body, {"name", "team", "models", "revoked", *KEY_LIMIT_FIELDS})
         changes: dict[str, Any] = {"limits": _limits(body, record.limits)}
         if "name" in body:
             if not isinstance(body["name"], str) or not body["name"].strip():
@@ -179,12 +173,12 @@ class Admin:
 
     async def put_team(self, request: Request) -> Response:
         body = parse_json_object(await request.body())
-        name = request.path_params.get("team") or _team(body.get("name"))
-        if not name:
-            raise InvalidRequest("'name' is required.", param="name")
+        _refuse_unknown(body, {"name", *TEAM_LIMIT_FIELDS})
+        name = _team_name(request.path_params.get("team", body.get("name")), "name")
+        # A change to a config team the store lost starts from its seed, not from nothing.
+        await self.ledger.seed_team(name)
         current = await self.ledger.call("admin", lambda: self.store.team(name))
-        limits = _limits(body, current.limits if current else Limits())
-        team = Team(name, Limits(limits.daily_micros, limits.monthly_micros))
+        team = Team(name, _limits(body, current.limits if current else Limits(), TEAM_LIMIT_FIELDS))
         await self.ledger.call("admin", lambda: self.store.put_team(team))
         return json_response(team.public(), 200 if current else 201)
 
@@ -244,35 +238,32 @@ class Admin:
         return {"today": day.as_usd(), "this_month": month.as_usd()}
 
 
+def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise InvalidRequest(f"Unknown field {unknown[0]!r}.", param=unknown[0])
+
+
 def _team(value: object) -> str | None:
+    return None if value is None else _team_name(value, "team")
+
+
+def _team_name(value: object, param: str) -> str:
     if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > 100:
-        raise InvalidRequest("'team' must be a non-empty string.", param="team")
-    if any(c in value for c in "{}:"):
-        raise InvalidRequest("'team' may not contain '{', '}' or ':'.", param="team")
-    return value.strip()
+        raise InvalidRequest(f"'{param}' is required.", param=param)
+    try:
+        return team_name(value)
+    except LimitError as error:
+        raise InvalidRequest(f"'{param}': {error.reason}.", param=param) from None
 
 
-def _limits(body: dict[str, Any], base: Limits) -> Limits:
-    values = {
-        "daily_micros": base.daily_micros,
-        "monthly_micros": base.monthly_micros,
-        "rpm": base.rpm,
-        "concurrency": base.concurrency,
-    }
-    for name in LIMIT_FIELDS:
-        if name not in body:
-            continue
-        value = body[name]
-        if value is None:
-            value = 0
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise InvalidRequest(f"'{name}' must be a number >= 0 (or null).", param=name)
-        if name.endswith("_usd"):
-            values[name.replace("_usd", "_micros")] = round(value * 1_000_000)
-        else:
-            if value != int(value):
-                raise InvalidRequest(f"'{name}' must be a whole number.", param=name)
-            values[name] = int(value)
-    return Limits(**values)
+def _limits(
+    body: dict[str, Any], base: Limits, fields: tuple[str, ...] = KEY_LIMIT_FIELDS
+) -> Limits:
+    """``base`` with the limits ``body`` sets; null is no limit and 0 allows nothing."""
+    try:
+        return replace(base, **limit_changes(body, fields))
+    except LimitError as error:
+        raise InvalidRequest(
+            f"'{error.field}' {error.reason}, or null for no limit.", param=error.field
+        ) from None

@@ -28,7 +28,7 @@ from .logs import AccessLog
 from .metrics import Metrics
 from .policy import RequestPolicy
 from .results import open_results
-from .store import Limits, Store, StoreError, Team, open_store
+from .store import Store, StoreError, open_store
 from .upstream import UpstreamClient, open_upstream
 
 log = logging.getLogger("apiyi_proxy")
@@ -118,16 +118,10 @@ def create_app(
                 await store.open()
         except (StoreError, TimeoutError):
             log.warning("store not reachable at start-up; /readyz reports it until it is")
-        for name, budget in settings.ledger.teams.items():
-            await store.put_team(
-                Team(
-                    name,
-                    Limits(
-                        daily_micros=round(budget.get("daily_usd", 0) * 1e6),
-                        monthly_micros=round(budget.get("monthly_usd", 0) * 1e6),
-                    ),
-                )
-            )
+        # Seeds only: a team changed through the admin API keeps its change across a
+        # restart. If the store is away, the ledger's refresh seeds them once it is back.
+        with contextlib.suppress(StoreUnavailable):
+            await ledger.seed_teams()
         ledger.start()
         if on_ready is not None:
             await on_ready(services)

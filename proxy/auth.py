@@ -19,7 +19,7 @@ from .config import Settings
 from .errors import Forbidden, Unauthorized
 from .keys import KeyHasher
 from .ledger import Ledger
-from .store import KeyRecord, Limits
+from .store import KeyRecord
 
 CACHE_ENTRIES = 10_000
 
@@ -53,6 +53,7 @@ class Authenticator:
         self._ledger = ledger
         self._hasher = hasher
         self._ttl = settings.auth.key_cache_seconds
+        self._default_limits = settings.ledger.default_limits()
         self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
         self._fetches: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
@@ -112,19 +113,13 @@ class Authenticator:
         record = await self._lookup(key_hash)
         if record is not None:
             return record
-        ledger = self._settings.ledger
         record = KeyRecord(
             id="pt_" + key_hash[:16],
             name=f"passthrough …{token[-4:]}",
             key_hash=key_hash,
             last4=token[-4:],
             created=int(time.time()),
-            limits=Limits(
-                daily_micros=round(ledger.default_daily_usd * 1e6),
-                monthly_micros=round(ledger.default_monthly_usd * 1e6),
-                rpm=ledger.default_rpm,
-                concurrency=ledger.default_concurrency,
-            ),
+            limits=self._default_limits,
         )
         await self._ledger.call("key", lambda: self._ledger.store.add_key(record))
         self._remember(key_hash, record, time.monotonic())

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -18,6 +19,15 @@ import yaml
 from . import config as config_module
 from .config import ConfigError, Settings
 from .keys import KeyHasher, issue_key
+from .limits import (
+    KEY_LIMIT_FIELDS,
+    TEAM_LIMIT_FIELDS,
+    LimitError,
+    limit_changes,
+    team_name,
+    usd_to_micros,
+    whole_count,
+)
 from .store import Limits, Store, Team, open_store
 
 
@@ -67,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
     create = key_commands.add_parser("create", help="issue a key (shown once)")
     create.add_argument("--name", required=True)
-    _limit_flags(create)
+    create.add_argument("--team", type=_team_flag)
+    _key_flags(create)
     create.set_defaults(run=_keys_create)
     listing = key_commands.add_parser("list", help="list keys")
     listing.set_defaults(run=_keys_list)
@@ -77,14 +88,14 @@ def _parser() -> argparse.ArgumentParser:
     update = key_commands.add_parser("update", help="change a key's name, team or limits")
     update.add_argument("key_id")
     update.add_argument("--name")
-    _limit_flags(update)
+    update.add_argument("--team", type=_team_flag, help="only to confirm it: fixed at creation")
+    _key_flags(update)
     update.set_defaults(run=_keys_update)
 
     teams = commands.add_parser("teams", help="set a team's budgets")
     teams.add_argument("--config")
-    teams.add_argument("name")
-    teams.add_argument("--daily-usd", type=float)
-    teams.add_argument("--monthly-usd", type=float)
+    teams.add_argument("name", type=_team_flag)
+    _limit_flags(teams, TEAM_LIMIT_FIELDS)
     teams.set_defaults(run=_teams_set)
 
     usage = commands.add_parser("usage", help="spend per key and team, today and this month")
@@ -95,13 +106,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _limit_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--team")
-    parser.add_argument("--daily-usd", type=float)
-    parser.add_argument("--monthly-usd", type=float)
-    parser.add_argument("--rpm", type=int)
-    parser.add_argument("--concurrency", type=int)
+def _key_flags(parser: argparse.ArgumentParser) -> None:
+    _limit_flags(parser, KEY_LIMIT_FIELDS)
     parser.add_argument("--model", action="append", dest="models", help="allowed model (repeat)")
+
+
+def _limit_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
+    """One flag per limit: a number, 0 (allows nothing) or ``none`` (no limit); a flag
+    left out leaves the limit as it is."""
+    for name in fields:
+        usd = name.endswith("_usd")
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=_limit_flag(usd_to_micros if usd else whole_count),
+            default=argparse.SUPPRESS,
+            metavar="USD|none" if usd else "N|none",
+        )
+
+
+def _limit_flag(rule: Callable[[object], int | None]) -> Callable[[str], object]:
+    def parse(text: str) -> object:
+        if text.strip().lower() == "none":
+            return None
+        value: object
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError("must be a number, or none for no limit") from None
+        try:
+            rule(value)
+        except LimitError as error:
+            raise argparse.ArgumentTypeError(f"{error.reason}, or none for no limit") from None
+        return value
+
+    return parse
+
+
+def _team_flag(text: str) -> str:
+    try:
+        return team_name(text)
+    except LimitError as error:
+        raise argparse.ArgumentTypeError(error.reason) from None
 
 
 def _settings(args: argparse.Namespace, **server: Any) -> Settings:
@@ -170,16 +219,11 @@ def _with_store(args: argparse.Namespace, action: Any) -> int:
     return asyncio.run(run())
 
 
-def _limits_from(args: argparse.Namespace, base: Limits) -> Limits:
-    def micros(value: float | None, old: int) -> int:
-        return old if value is None else round(value * 1_000_000)
-
-    return Limits(
-        daily_micros=micros(args.daily_usd, base.daily_micros),
-        monthly_micros=micros(args.monthly_usd, base.monthly_micros),
-        rpm=base.rpm if args.rpm is None else args.rpm,
-        concurrency=base.concurrency if args.concurrency is None else args.concurrency,
-    )
+def _limits_from(
+    args: argparse.Namespace, base: Limits, fields: tuple[str, ...] = KEY_LIMIT_FIELDS
+) -> Limits:
+    """``base`` with the limits given on the command line (already checked by their flags)."""
+    return replace(base, **limit_changes(vars(args), fields))
 
 
 def _print(value: Any) -> None:
@@ -192,9 +236,13 @@ def _keys_create(args: argparse.Namespace) -> int:
             KeyHasher(settings.auth.key_pepper),
             args.name,
             team=args.team,
-            limits=_limits_from(args, Limits()),
+            limits=_limits_from(args, settings.ledger.default_limits()),
             models=tuple(args.models or ()),
         )
+        seeds = settings.ledger.team_seeds()
+        if args.team in seeds:
+            # As the admin API does: a config team the store lost binds its new key.
+            await store.seed_team(Team(args.team, seeds[args.team]))
         await store.add_key(record)
         _print({**record.public(), "key": secret})
         print("The key is shown this once; store it now.", file=sys.stderr)
@@ -249,15 +297,7 @@ def _teams_set(args: argparse.Namespace) -> int:
     async def action(settings: Settings, store: Store) -> int:
         current = await store.team(args.name)
         base = current.limits if current else Limits()
-        limits = Limits(
-            daily_micros=base.daily_micros
-            if args.daily_usd is None
-            else round(args.daily_usd * 1e6),
-            monthly_micros=base.monthly_micros
-            if args.monthly_usd is None
-            else round(args.monthly_usd * 1e6),
-        )
-        team = Team(args.name, limits)
+        team = Team(args.name, _limits_from(args, base, TEAM_LIMIT_FIELDS))
         await store.put_team(team)
         _print(team.public())
         return 0

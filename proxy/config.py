@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .limits import TEAM_LIMIT_FIELDS, LimitError, Limits, limit_changes, team_name
+
 ENV_PREFIX = "APIYI_PROXY_"
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
@@ -157,12 +159,37 @@ class LedgerSettings:
     idempotency_ttl_seconds: int = 86_400
     # How long an SDK retry (x-stainless-retry-count >= 1) may join a finished call.
     retry_join_seconds: int = 600
-    # Default limits for new keys; 0 means unlimited.
-    default_daily_usd: float = 0.0
-    default_monthly_usd: float = 0.0
-    default_rpm: int = 0
-    default_concurrency: int = 0
-    teams: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Default limits for new keys: None is no limit, 0 allows nothing.
+    default_daily_usd: float | None = None
+    default_monthly_usd: float | None = None
+    default_rpm: int | None = None
+    default_concurrency: int | None = None
+    # Seeds: created in the store when absent, never overwriting a team changed there.
+    teams: Mapping[str, Mapping[str, float | None] | None] = field(default_factory=dict)
+
+    def default_limits(self) -> Limits:
+        """The limits of a new key (raises ``LimitError`` naming the field)."""
+        values = {
+            "daily_usd": self.default_daily_usd,
+            "monthly_usd": self.default_monthly_usd,
+            "rpm": self.default_rpm,
+            "concurrency": self.default_concurrency,
+        }
+        return Limits(**limit_changes(values))
+
+    def team_seeds(self) -> dict[str, Limits]:
+        """The config file's teams and their budgets (raises ``LimitError``)."""
+        seeds = {}
+        for name, budget in self.teams.items():
+            try:
+                team_name(name)
+                unknown = sorted(set(budget or {}) - set(TEAM_LIMIT_FIELDS))
+                if unknown:
+                    raise LimitError("unknown setting", unknown[0])
+                seeds[name] = Limits(**limit_changes(budget or {}, TEAM_LIMIT_FIELDS))
+            except LimitError as error:
+                raise LimitError(error.reason, _join(name, error.field)) from None
+        return seeds
 
 
 @dataclass(frozen=True)
@@ -432,6 +459,16 @@ def _validate(s: Settings) -> None:
             "APIYI_PROXY_KEY_PEPPER must be set with a shared store, or keys stop "
             "matching after a restart",
         )
+    try:
+        s.ledger.default_limits()
+    except LimitError as error:
+        raise ConfigError(
+            f"ledger.default_{error.field}: {error.reason}, or null for no limit"
+        ) from None
+    try:
+        s.ledger.team_seeds()
+    except LimitError as error:
+        raise ConfigError(f"ledger.teams.{error.field}: {error.reason}") from None
     try:
         import zoneinfo
 

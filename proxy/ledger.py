@@ -42,6 +42,7 @@ from .store import (
     Settlement,
     Store,
     StoreError,
+    Team,
     group_of,
     hold_group,
 )
@@ -118,6 +119,10 @@ class Ledger:
         self._periods_second = -1
         self._ids = random.Random()  # hold ids need to be unique, not unpredictable
         self._periods = Periods("", "")
+        # The config file's teams: created in the store when absent, never overwritten.
+        self._seeds = {
+            name: Team(name, limits) for name, limits in settings.ledger.team_seeds().items()
+        }
 
     # store calls ---------------------------------------------------------------------
     async def call(self, operation: str, step: Callable[[], Awaitable[T]]) -> T:
@@ -191,7 +196,10 @@ class Ledger:
             reservation = await store.reserve(request)
         if reservation.refusal is not None:
             self._metrics.rejections.labels(reservation.refusal.value).inc()
-            raise _refusal_error(reservation.refusal, reservation.retry_after)
+            error = _refusal_error(reservation.refusal, reservation.retry_after)
+            if 0 in (key.limits.rpm, key.limits.concurrency):
+                error.should_retry = False  # a limit of 0 allows nothing, ever
+            raise error
         team = key.team or "none"
         if reservation.team_remaining:
             for period, remaining in reservation.team_remaining.items():
@@ -329,16 +337,31 @@ class Ledger:
                 if expired:
                     self._metrics.holds_resolved.labels("expired").inc(expired)
 
+    async def seed_teams(self) -> None:
+        """Create the config file's teams the store lacks: at start-up, and again after
+        the store lost its data. A team changed through the admin API is left alone."""
+        for name in self._seeds:
+            await self.seed_team(name)
+
+    async def seed_team(self, name: str) -> None:
+        team = self._seeds.get(name)
+        if team is None:
+            return
+        if await self.call("teams", functools.partial(self.store.seed_team, team)):
+            log.info("team %s created from the config file", name)
+
     async def refresh_budgets(self) -> None:
-        """Set the team budget gauges from the store: a quiet team's gauge must not
-        keep yesterday's value, and a new period starts full."""
+        """Re-seed the config file's teams, then set the team budget gauges from the
+        store: a quiet team's gauge must not keep yesterday's value, and a new period
+        starts full."""
+        await self.seed_teams()
         periods = self.periods()
         for team in await self.call("teams", self.store.teams):
             for kind, period in (("day", periods.day), ("month", periods.month)):
                 tally = await self.call(
                     "tally", functools.partial(self.store.tally, "team", team.name, period)
                 )
-                if tally.limit:
+                if tally.limit is not None:
                     remaining = tally.remaining or 0
                     self._metrics.budget_remaining_usd.labels(team.name, kind).set(remaining / 1e6)
                     self._metrics.budget_limit_usd.labels(team.name, kind).set(tally.limit / 1e6)

@@ -5,8 +5,25 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 
-from .conftest import Proxy
+from .conftest import Proxy, billing
+
+PRICE_USD = 0.03
+
+
+def generate(proxy: Proxy, key: str) -> httpx.Response:
+    return httpx.post(
+        proxy.url + "/v1/images/generations",
+        json={"prompt": "x"},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+
+def ledger_spent_usd(proxy: Proxy) -> float:
+    keys = proxy.admin("GET", "/admin/usage").json()["keys"]
+    return float(sum(k["today"]["spent_usd"] for k in keys))
 
 
 def test_admin_needs_the_admin_token(proxy: Proxy) -> None:
@@ -121,3 +138,94 @@ def test_team_budget_applies_across_keys(proxy: Proxy) -> None:
     ]
     assert usage["teams"][0]["today"]["spent_usd"] == 0.03
     assert len(usage["keys"]) == 2
+
+
+def test_zero_daily_budget_refuses_every_paid_call(fake: Any, proxy: Proxy) -> None:
+    created = proxy.admin("POST", "/admin/keys", json={"name": "frozen", "daily_usd": 0})
+    assert created.status_code == 201 and created.json()["daily_usd"] == 0.0
+    team = proxy.admin("POST", "/admin/teams", json={"name": "frozen-team", "daily_usd": 0})
+    assert team.status_code == 201 and team.json()["daily_usd"] == 0.0
+    zero_budgets = [
+        created.json()["key"],
+        proxy.new_key(monthly_usd=0),
+        proxy.new_key(team="frozen-team"),
+    ]
+    for key in zero_budgets:
+        for _ in range(3):
+            refused = generate(proxy, key)
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["error"]["type"] == "insufficient_quota"
+            assert refused.json()["error"]["code"] == "budget_exceeded"
+    # The same rule for rpm and concurrency: 0 allows no call at all.
+    for fields in ({"rpm": 0}, {"concurrency": 0}):
+        refused = generate(proxy, proxy.new_key(**fields))
+        assert refused.status_code == 429, fields
+        assert refused.json()["error"]["type"] == "rate_limit_error"
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+    # A $5 key cut to 0 stops; null lifts the limit again.
+    five = proxy.admin("POST", "/admin/keys", json={"name": "five", "daily_usd": 5}).json()
+    assert generate(proxy, five["key"]).status_code == 200
+    cut = proxy.admin("PATCH", f"/admin/keys/{five['id']}", json={"daily_usd": 0})
+    assert cut.status_code == 200 and cut.json()["daily_usd"] == 0.0
+    assert generate(proxy, five["key"]).status_code == 429
+    lifted = proxy.admin("PATCH", f"/admin/keys/{five['id']}", json={"daily_usd": None})
+    assert lifted.json()["daily_usd"] is None
+    assert generate(proxy, five["key"]).status_code == 200
+
+    own = httpx.get(
+        proxy.url + "/v1/usage", headers={"authorization": f"Bearer {created.json()['key']}"}
+    ).json()["today"]
+    assert (own["limit_usd"], own["remaining_usd"], own["spent_usd"]) == (0.0, 0.0, 0)
+    # The ledger and the upstream agree: two images, both from the $5 key.
+    assert billing(fake[1])["images_billed"] == 2
+    assert ledger_spent_usd(proxy) == pytest.approx(2 * PRICE_USD)
+
+
+def test_budget_below_one_micro_dollar_is_refused_naming_the_field(fake: Any, proxy: Proxy) -> None:
+    key = proxy.admin("POST", "/admin/keys", json={"name": "k", "daily_usd": 5}).json()
+    assert proxy.admin("POST", "/admin/teams", json={"name": "t"}).status_code == 201
+    bad_values = {
+        "daily_usd": [1e-7, -1, "5", True, 1e12],
+        "monthly_usd": [1e-7, -0.5, [], 1e300],
+        "rpm": [1.5, -1, "10"],
+        "concurrency": [0.5, -2, False],
+    }
+    for field, values in bad_values.items():
+        for value in values:
+            requests = [
+                ("POST", "/admin/keys", {"name": "x", field: value}),
+                ("PATCH", f"/admin/keys/{key['id']}", {field: value}),
+            ]
+            if field.endswith("_usd"):
+                requests += [
+                    ("POST", "/admin/teams", {"name": "t2", field: value}),
+                    ("PATCH", "/admin/teams/t", {field: value}),
+                ]
+            for method, path, body in requests:
+                response = proxy.admin(method, path, json=body)
+                assert response.status_code == 400, (method, path, body)
+                assert response.json()["error"]["param"] == field, (method, path, body)
+    # Nothing changed: the key keeps its $5 and spends, the refused team was not made.
+    assert proxy.admin("GET", f"/admin/keys/{key['id']}").json()["daily_usd"] == 5
+    assert [t["name"] for t in proxy.admin("GET", "/admin/teams").json()["data"]] == ["t"]
+    assert generate(proxy, key["key"]).status_code == 200
+    assert billing(fake[1])["images_billed"] == 1
+    assert ledger_spent_usd(proxy) == pytest.approx(PRICE_USD)
+
+
+def test_team_name_with_a_bar_is_refused(fake: Any, proxy: Proxy) -> None:
+    for name in ("a|b", "a b", "x" * 65, ""):
+        key = proxy.admin("POST", "/admin/keys", json={"name": "k", "team": name})
+        assert key.status_code == 400 and key.json()["error"]["param"] == "team", name
+        team = proxy.admin("POST", "/admin/teams", json={"name": name, "daily_usd": 1})
+        assert team.status_code == 400 and team.json()["error"]["param"] == "name", name
+    patched = proxy.admin("PATCH", "/admin/teams/a|b", json={"daily_usd": 1})
+    assert patched.status_code == 400 and patched.json()["error"]["param"] == "name"
+    assert proxy.admin("GET", "/admin/teams").json()["data"] == []
+    assert proxy.admin("GET", "/admin/keys").json()["data"] == []
+    # A valid name of the whole charset works end to end (the bar used to give 401).
+    key = proxy.new_key(team="Team_1.eu-west")
+    assert generate(proxy, key).status_code == 200
+    assert billing(fake[1])["images_billed"] == 1
+    assert ledger_spent_usd(proxy) == pytest.approx(PRICE_USD)

@@ -6,9 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from .conftest import ROOT, RedisServer
+import httpx
+import pytest
+
+from .conftest import ROOT, Proxy, RedisServer, billing
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -93,3 +97,59 @@ def test_keys_teams_and_usage_on_redis(redis_server: RedisServer) -> None:
     assert usage["keys"][0]["today"]["spent_usd"] == 0
     assert usage["teams"][0]["team"] == "design"
     assert usage["teams"][0]["today"]["limit_usd"] == 50
+
+    frozen = json.loads(cli("teams", "design", "--daily-usd", "0", env=env).stdout)
+    assert frozen["daily_usd"] == 0.0
+    lifted = json.loads(cli("teams", "design", "--daily-usd", "none", env=env).stdout)
+    assert lifted["daily_usd"] is None and lifted["monthly_usd"] is None
+
+
+def test_cli_update_to_zero_keeps_a_zero_budget(
+    redis_server: RedisServer, fake: Any, start_proxy: Callable[..., Proxy]
+) -> None:
+    env = {"APIYI_PROXY_STORE_URL": redis_server.url, "APIYI_PROXY_KEY_PEPPER": "pepper"}
+    created = cli("keys", "create", "--name", "bot", "--daily-usd", "5", env=env)
+    assert created.returncode == 0, created.stderr
+    record: dict[str, Any] = json.loads(created.stdout)
+    key_id = record["id"]
+
+    cut = json.loads(cli("keys", "update", key_id, "--daily-usd", "0", env=env).stdout)
+    assert cut["daily_usd"] == 0.0
+    # Changing something else keeps the zero; listing shows it as 0, not as no limit.
+    other = json.loads(cli("keys", "update", key_id, "--rpm", "60", env=env).stdout)
+    assert (other["daily_usd"], other["rpm"]) == (0.0, 60)
+    assert json.loads(cli("keys", "list", env=env).stdout)[0]["daily_usd"] == 0.0
+
+    proxy = start_proxy(fake[1].url, store={"url": redis_server.url}, auth={"key_pepper": "pepper"})
+    auth = {"authorization": f"Bearer {record['key']}"}
+    url = proxy.url + "/v1/images/generations"
+    refused = httpx.post(url, json={"prompt": "x"}, headers=auth, timeout=30)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "budget_exceeded"
+
+    lifted = json.loads(cli("keys", "update", key_id, "--daily-usd", "none", env=env).stdout)
+    assert lifted["daily_usd"] is None and lifted["rpm"] == 60
+    assert httpx.post(url, json={"prompt": "x"}, headers=auth, timeout=30).status_code == 200
+
+    usage = json.loads(cli("usage", env=env).stdout)
+    assert usage["keys"][0]["today"]["spent_usd"] == pytest.approx(0.03)
+    assert billing(fake[1])["images_billed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (("keys", "create", "--name", "b", "--daily-usd", "1e-7"), "--daily-usd"),
+        (("keys", "create", "--name", "b", "--monthly-usd", "-1"), "--monthly-usd"),
+        (("keys", "create", "--name", "b", "--daily-usd", "lots"), "--daily-usd"),
+        (("keys", "create", "--name", "b", "--rpm", "1.5"), "--rpm"),
+        (("keys", "create", "--name", "b", "--team", "a|b"), "--team"),
+        (("teams", "a|b", "--daily-usd", "1"), "name"),
+        (("teams", "design", "--daily-usd", "0.0000001"), "--daily-usd"),
+    ],
+)
+def test_cli_refuses_bad_limits_naming_the_flag(args: tuple[str, ...], flag: str) -> None:
+    # Refused before any store is opened: the store URL here leads nowhere.
+    env = {"APIYI_PROXY_STORE_URL": "redis://127.0.0.1:1/0", "APIYI_PROXY_KEY_PEPPER": "p"}
+    result = cli(*args, env=env)
+    assert result.returncode == 2
+    assert f"argument {flag}" in result.stderr

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from proxy import config
+from proxy.limits import Limits
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "proxy.example.yaml"
@@ -82,6 +83,13 @@ def test_yaml_file_and_env_override(tmp_path: Path) -> None:
         ("server:\n  workers: 2\n", {}, "server.workers"),
         ("- a list\n", {}, "config file"),
         ("", {"APIYI_PROXY_NOPE__X": "1"}, "APIYI_PROXY_NOPE__X"),
+        ("ledger:\n  default_daily_usd: 0.0000001\n", {}, "ledger.default_daily_usd"),
+        ("ledger:\n  default_monthly_usd: -1\n", {}, "ledger.default_monthly_usd"),
+        ("ledger:\n  default_rpm: -1\n", {}, "ledger.default_rpm"),
+        ("ledger:\n  teams: {d: {daily_usd: 0.0000001}}\n", {}, "ledger.teams.d.daily_usd"),
+        ("ledger:\n  teams: {d: {monthly_usd: -5}}\n", {}, "ledger.teams.d.monthly_usd"),
+        ("ledger:\n  teams: {d: {rpm: 5}}\n", {}, "ledger.teams.d.rpm"),
+        ("ledger:\n  teams: {'a|b': {daily_usd: 1}}\n", {}, "ledger.teams.a|b"),
     ],
 )
 def test_bad_config_names_the_field(
@@ -135,3 +143,23 @@ def test_example_config_documents_every_field_and_loads() -> None:
     assert documented | secrets == all_fields()
     s = config.load(path=EXAMPLE, env={})
     assert s == dataclasses.replace(config.load(path="/dev/null", env={}))
+
+
+def test_config_limits_null_is_no_limit_and_zero_is_nothing(tmp_path: Path) -> None:
+    text = (
+        "ledger:\n"
+        "  default_daily_usd: 0\n"
+        "  default_rpm: 30\n"
+        "  teams:\n"
+        "    design: {daily_usd: 0.09, monthly_usd: null}\n"
+        "    frozen: {daily_usd: 0}\n"
+        "    open: null\n"
+    )
+    s = load(text, tmp_path)
+    assert s.ledger.default_limits() == Limits(daily_micros=0, rpm=30)
+    assert s.ledger.team_seeds() == {
+        "design": Limits(daily_micros=90_000),
+        "frozen": Limits(daily_micros=0),
+        "open": Limits(),
+    }
+    assert load().ledger.default_limits() == Limits()  # the default: no limit

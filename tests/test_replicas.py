@@ -11,12 +11,14 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 import redis
+import yaml
 
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 
@@ -431,3 +433,122 @@ def test_full_replay_space_never_blocks_a_ledger_write(
             client.close()
     finally:
         ledger.stop()
+
+
+# limits and teams across restarts ------------------------------------------------------
+
+
+def config_with_teams(tmp_path: Path, teams: dict[str, dict[str, float]]) -> list[str]:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump({"ledger": {"teams": teams}}))
+    return ["--config", str(path)]
+
+
+def admin(proxy: ProxyProcess, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, proxy.url + path, headers=ADMIN, timeout=10, **kwargs)
+
+
+def team_today(proxy: ProxyProcess, team: str) -> dict[str, Any]:
+    rows = admin(proxy, "GET", "/admin/usage", params={"team": team}).json()["teams"]
+    assert [r["team"] for r in rows] == [team]
+    today: dict[str, Any] = rows[0]["today"]
+    return today
+
+
+def spend(proxy: ProxyProcess, key: str, calls: int) -> list[int]:
+    """Calls one after the other; their statuses."""
+    statuses = []
+    for _ in range(calls):
+        response = httpx.post(
+            proxy.url + "/v1/images/generations",
+            json={"prompt": "p", "response_format": "url"},
+            headers={"authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "budget_exceeded", response.text
+        statuses.append(response.status_code)
+    return statuses
+
+
+def test_admin_team_change_survives_a_replica_restart(
+    redis_server: RedisServer,
+    upstream: ThreadServer,
+    proxy_process: Callable[..., ProxyProcess],
+    tmp_path: Path,
+) -> None:
+    env = replica_env(redis_server.url, upstream)
+    args = config_with_teams(tmp_path, {"design": {"daily_usd": 0.09}})
+    first, second = proxy_process(env, args), proxy_process(env, args)
+    assert admin(first, "GET", "/admin/teams").json()["data"][0]["daily_usd"] == 0.09
+    # An emergency cut, then a rolling deploy restarts a replica with the same config.
+    cut = admin(first, "PATCH", "/admin/teams/design", json={"daily_usd": 0.03})
+    assert cut.status_code == 200 and cut.json()["daily_usd"] == 0.03
+    second.stop()
+    restarted = proxy_process(env, args)
+    for proxy in (first, restarted):
+        teams = admin(proxy, "GET", "/admin/teams").json()["data"]
+        assert [(t["name"], t["daily_usd"]) for t in teams] == [("design", 0.03)]
+
+    key, _ = create_key(restarted, team="design")
+    assert spend(restarted, key, 3) == [200, 429, 429]
+    assert billing(upstream)["images_billed"] == 1
+    today = team_today(first, "design")
+    assert today["spent_usd"] == pytest.approx(0.03) and today["limit_usd"] == 0.03
+
+
+def test_config_team_is_restored_after_the_store_lost_its_data(
+    redis_server: RedisServer,
+    upstream: ThreadServer,
+    proxy_process: Callable[..., ProxyProcess],
+    tmp_path: Path,
+) -> None:
+    env = replica_env(redis_server.url, upstream)
+    proxy = proxy_process(env, config_with_teams(tmp_path, {"design": {"daily_usd": 0.06}}))
+    old_key, _ = create_key(proxy, team="design")
+    assert spend(proxy, old_key, 1) == [200]
+    billed_before = billing(upstream)["images_billed"]
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    # No restart: the next key of the team is bound by the team's budget at once.
+    new_key, _ = create_key(proxy, team="design")
+    teams = admin(proxy, "GET", "/admin/teams").json()["data"]
+    assert [(t["name"], t["daily_usd"]) for t in teams] == [("design", 0.06)]
+    assert spend(proxy, new_key, 4) == [200, 200, 429, 429]
+
+    # What the ledger counts since the loss is what the upstream billed since.
+    billed_since = billing(upstream)["images_billed"] - billed_before
+    assert billed_since == 2
+    today = team_today(proxy, "design")
+    assert today["spent_usd"] == pytest.approx(billed_since * 0.03)
+    assert today["limit_usd"] == 0.06 and today["remaining_usd"] == 0
+
+    # Lost again, then changed through the admin API: the change starts from the seed.
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    patched = admin(proxy, "PATCH", "/admin/teams/design", json={"monthly_usd": 1})
+    assert (patched.json()["daily_usd"], patched.json()["monthly_usd"]) == (0.06, 1.0)
+
+
+def test_legacy_zero_limit_records_still_mean_no_limit(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    proxy = proxy_process(replica_env(redis_server.url, upstream))
+    assert admin(proxy, "POST", "/admin/teams", json={"name": "old", "daily_usd": 0.03}).is_success
+    key, key_id = create_key(proxy, team="old", daily_usd=0.03, rpm=100, concurrency=5)
+    # Rewrite both records as the previous version wrote them: 0 for no limit, no mark.
+    with redis.Redis.from_url(redis_server.url) as client:
+        record, team = f"apiyi:{{t:old}}:key:{key_id}", "apiyi:{t:old}:team"
+        client.hset(record, mapping={"daily": 0, "monthly": 0, "rpm": 0, "concurrency": 0})
+        client.hset(team, mapping={"daily": 0, "monthly": 0})
+        client.hdel(record, "format")
+        client.hdel(team, "format")
+
+    shown = admin(proxy, "GET", f"/admin/keys/{key_id}").json()
+    assert [shown[f] for f in ("daily_usd", "monthly_usd", "rpm", "concurrency")] == [None] * 4
+    assert spend(proxy, key, 3) == [200, 200, 200]
+    assert billing(upstream)["images_billed"] == 3
+    assert usage(proxy, key)["spent_usd"] == pytest.approx(0.09)
+    today = team_today(proxy, "old")
+    assert today["spent_usd"] == pytest.approx(0.09) and today["limit_usd"] is None

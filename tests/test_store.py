@@ -306,3 +306,87 @@ async def test_concurrent_reserves_never_overdraw(store: Store) -> None:
     results = await asyncio.gather(*(store.reserve(hold(key)) for _ in range(50)))
     assert sum(r.ok for r in results) == 10
     assert all(r.refusal is Refusal.KEY_DAILY for r in results if not r.ok)
+
+
+async def test_zero_limits_allow_nothing_and_none_is_no_limit(store: Store) -> None:
+    free = new_key()  # every limit None
+    await store.add_key(free)
+    for _ in range(3):
+        assert (await store.reserve(hold(free))).ok
+    tally = await store.tally("key", free.id, PERIODS.day)
+    assert (tally.limit, tally.remaining, tally.as_usd()["limit_usd"]) == (None, None, None)
+
+    for limits, refusal in (
+        ({"daily_micros": 0}, Refusal.KEY_DAILY),
+        ({"monthly_micros": 0}, Refusal.KEY_MONTHLY),
+        ({"rpm": 0}, Refusal.RPM),
+        ({"concurrency": 0}, Refusal.CONCURRENCY),
+    ):
+        key = new_key(**limits)
+        await store.add_key(key)
+        assert await store.key(key.id) == key  # 0 is kept as 0, not read back as None
+        refused = await store.reserve(hold(key))
+        assert refused.refusal is refusal, limits
+    zero = new_key(daily_micros=0)
+    await store.add_key(zero)
+    await store.reserve(hold(zero))
+    tally = await store.tally("key", zero.id, PERIODS.day)
+    assert (tally.limit, tally.remaining, tally.held, tally.spent) == (0, 0, 0, 0)
+    assert tally.as_usd()["limit_usd"] == 0.0 and tally.as_usd()["remaining_usd"] == 0.0
+
+    await store.put_team(Team("frozen", Limits(daily_micros=0)))
+    member = new_key(team="frozen")
+    await store.add_key(member)
+    assert (await store.reserve(hold(member))).refusal is Refusal.TEAM_DAILY
+    team = await store.team("frozen")
+    assert team is not None and team.limits == Limits(daily_micros=0)
+    assert team.public()["daily_usd"] == 0.0 and team.public()["monthly_usd"] is None
+    # From 0 back to no limit: the key spends again.
+    await store.update_key(zero.id, limits=Limits())
+    assert (await store.reserve(hold(zero))).ok
+    await store.put_team(Team("frozen", Limits()))
+    assert (await store.reserve(hold(member))).ok
+
+
+async def test_seed_team_creates_only_an_absent_team(store: Store) -> None:
+    seed = Team("design", Limits(daily_micros=90_000))
+    assert await store.seed_team(seed)
+    assert await store.team("design") == seed
+    cut = Team("design", Limits(daily_micros=30_000))
+    await store.put_team(cut)  # an emergency cut through the admin API
+    assert not await store.seed_team(seed)
+    assert await store.team("design") == cut
+    # A seed with no budget at all is still a team, and still not overwritten.
+    assert await store.seed_team(Team("open", Limits()))
+    assert not await store.seed_team(Team("open", Limits(daily_micros=0)))
+    assert await store.team("open") == Team("open", Limits())
+    assert [t.name for t in await store.teams()] == ["design", "open"]
+
+
+async def test_legacy_records_read_zero_as_no_limit(redis_for_store: RedisServer) -> None:
+    # Records written before 0 meant "nothing" stored 0 for no limit and carry no
+    # format mark; reading them as zero budgets would block every key on upgrade.
+    store = RedisStore.from_settings(StoreSettings(url=redis_for_store.url, key_prefix="legacy"))
+    try:
+        key = new_key(team="old", daily_micros=PRICE)
+        await store.add_key(key)
+        record = f"legacy:{{{group_of(key.id, 'old')}}}:key:{key.id}"
+        team = f"legacy:{{{group_of('', 'old')}}}:team"
+        legacy = {"daily": 0, "monthly": 0, "rpm": 0, "concurrency": 0}
+        await store.r.hset(record, mapping=legacy)
+        await store.r.hdel(record, "format")
+        await store.r.hset(team, mapping={"daily": 0, "monthly": 2 * PRICE})
+        await store.r.sadd("legacy:teams", "old")
+
+        read = await store.key(key.id)
+        assert read is not None and read.limits == Limits()
+        assert await store.team("old") == Team("old", Limits(monthly_micros=2 * PRICE))
+        assert (await store.reserve(hold(key))).ok
+        assert (await store.reserve(hold(key))).ok
+        assert (await store.reserve(hold(key))).refusal is Refusal.TEAM_MONTHLY
+        # A change rewrites the record in the new format, meaning the same.
+        await store.update_key(key.id, name="renamed")
+        assert await store.r.hget(record, "format") == "2"
+        assert (await store.key(key.id)).limits == Limits()  # type: ignore[union-attr]
+    finally:
+        await store.close()

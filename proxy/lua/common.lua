@@ -11,6 +11,15 @@ local function usage_key(base, scope, name, period)
   return base .. 'u:' .. scope .. ':' .. name .. ':' .. period
 end
 
+-- A stored limit: nil for no limit. A record with the format mark ('2') leaves a
+-- limit out for none and 0 allows nothing; one written before it stored 0 for none.
+local function stored_limit(value, format)
+  if not value or value == '' then return nil end
+  local limit = tonumber(value)
+  if limit == 0 and format ~= '2' then return nil end
+  return limit
+end
+
 local USAGE_TTL = 400 * 86400
 local TOMBSTONE_MS = 2 * 86400000
 

@@ -13,22 +13,23 @@ expire(base, now, 100)
 if redis.call('EXISTS', base .. 'hold:' .. hold_id) == 1 then return { 'cancelled' } end
 
 local key = redis.call('HMGET', KEYS[1],
-  'id', 'revoked', 'team', 'daily', 'monthly', 'rpm', 'concurrency')
+  'id', 'revoked', 'team', 'daily', 'monthly', 'rpm', 'concurrency', 'format')
 if not key[1] then return { 'unknown_key' } end
 if key[2] == '1' then return { 'revoked' } end
 local team = key[3] or ''
 
 local levels = {
-  { 'key', key_id, day, tonumber(key[4]) or 0, 'budget_key_daily' },
-  { 'key', key_id, month, tonumber(key[5]) or 0, 'budget_key_monthly' },
+  { 'key', key_id, day, stored_limit(key[4], key[8]), 'budget_key_daily' },
+  { 'key', key_id, month, stored_limit(key[5], key[8]), 'budget_key_monthly' },
 }
 if team ~= '' then
-  local t = redis.call('HMGET', base .. 'team', 'daily', 'monthly')
-  levels[3] = { 'team', team, day, tonumber(t[1]) or 0, 'budget_team_daily' }
-  levels[4] = { 'team', team, month, tonumber(t[2]) or 0, 'budget_team_monthly' }
+  local t = redis.call('HMGET', base .. 'team', 'daily', 'monthly', 'format')
+  levels[3] = { 'team', team, day, stored_limit(t[1], t[3]), 'budget_team_daily' }
+  levels[4] = { 'team', team, month, stored_limit(t[2], t[3]), 'budget_team_monthly' }
 end
+-- A limit of 0 refuses any paid call; nil (no limit) is not checked.
 for _, l in ipairs(levels) do
-  if l[4] > 0 then
+  if l[4] then
     local u = redis.call('HMGET', usage_key(base, l[1], l[2], l[3]), 'held', 'spent')
     if (tonumber(u[1]) or 0) + (tonumber(u[2]) or 0) + amount > l[4] then
       return { l[5] }
@@ -36,16 +37,18 @@ for _, l in ipairs(levels) do
   end
 end
 
-local concurrency = tonumber(key[7]) or 0
+local concurrency = stored_limit(key[7], key[8])
 local active_key = base .. 'active:' .. key_id
-if concurrency > 0 and redis.call('ZCARD', active_key) >= concurrency then
+if concurrency and redis.call('ZCARD', active_key) >= concurrency then
   return { 'concurrency', 1000 }
 end
 
-local rpm = tonumber(key[6]) or 0
+local rpm = stored_limit(key[6], key[8])
 local tat_key = base .. 'tat:' .. key_id
 local new_tat = nil
-if rpm > 0 then
+-- An rpm of 0 allows no request; a retry helps only once someone raises it.
+if rpm == 0 then return { 'rpm', 60000 } end
+if rpm then
   local interval = 60000 / rpm
   local burst = 60000 - interval
   local tat = tonumber(redis.call('GET', tat_key) or '0')
@@ -63,7 +66,7 @@ for _, l in ipairs(levels) do
   redis.call('HINCRBY', k, 'held', amount)
   redis.call('HINCRBY', k, 'requests', 1)
   redis.call('EXPIRE', k, USAGE_TTL)
-  if l[1] == 'team' and l[4] > 0 then
+  if l[1] == 'team' and l[4] then
     local u = redis.call('HMGET', k, 'held', 'spent')
     remaining[#remaining + 1] = l[3]
     remaining[#remaining + 1] = l[4] - tonumber(u[1]) - (tonumber(u[2]) or 0)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from ..config import StoreSettings
+from ..limits import Limits
 from .base import (
     ClaimRequest,
     HoldRequest,
     IdemRecord,
     IdemState,
     KeyRecord,
-    Limits,
     Periods,
     Refusal,
     Reservation,

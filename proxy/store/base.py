@@ -31,15 +31,7 @@ import enum
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Limits:
-    """Limits of a key or a team; 0 means unlimited."""
-
-    daily_micros: int = 0
-    monthly_micros: int = 0
-    rpm: int = 0
-    concurrency: int = 0
+from ..limits import Limits
 
 
 @dataclass(frozen=True)
@@ -71,10 +63,10 @@ class KeyRecord:
             "created": self.created,
             "revoked": self.revoked,
             "models": list(self.models),
-            "daily_usd": self.limits.daily_micros / 1e6 or None,
-            "monthly_usd": self.limits.monthly_micros / 1e6 or None,
-            "rpm": self.limits.rpm or None,
-            "concurrency": self.limits.concurrency or None,
+            "daily_usd": usd(self.limits.daily_micros),
+            "monthly_usd": usd(self.limits.monthly_micros),
+            "rpm": self.limits.rpm,
+            "concurrency": self.limits.concurrency,
         }
 
     def with_changes(self, **changes: Any) -> KeyRecord:
@@ -161,9 +153,9 @@ class Reservation:
 
 @dataclass(frozen=True)
 class Tally:
-    """Money of one key or team in one period."""
+    """Money of one key or team in one period; ``limit`` None is no limit."""
 
-    limit: int = 0
+    limit: int | None = None
     held: int = 0
     spent: int = 0
     uncertain: int = 0
@@ -171,12 +163,12 @@ class Tally:
 
     @property
     def remaining(self) -> int | None:
-        return None if self.limit == 0 else max(0, self.limit - self.held - self.spent)
+        return None if self.limit is None else max(0, self.limit - self.held - self.spent)
 
     def as_usd(self) -> dict[str, Any]:
         remaining = self.remaining
         return {
-            "limit_usd": self.limit / 1e6 if self.limit else None,
+            "limit_usd": usd(self.limit),
             "held_usd": self.held / 1e6,
             "spent_usd": self.spent / 1e6,
             "uncertain_usd": self.uncertain / 1e6,
@@ -194,8 +186,8 @@ class Team:
         return {
             "name": self.name,
             "object": "proxy.team",
-            "daily_usd": self.limits.daily_micros / 1e6 or None,
-            "monthly_usd": self.limits.monthly_micros / 1e6 or None,
+            "daily_usd": usd(self.limits.daily_micros),
+            "monthly_usd": usd(self.limits.monthly_micros),
         }
 
 
@@ -220,6 +212,11 @@ UNCERTAIN_STATUS = 504
 # An in-flight claim is leased for this many hold leases: it must outlive its hold's
 # deadline until a sweep turns both into an uncertain outcome.
 CLAIM_LEASES = 4
+
+
+def usd(micros: int | None) -> float | None:
+    """Micro-dollars as USD for display; None (no limit) stays None, 0 stays 0.0."""
+    return None if micros is None else micros / 1e6
 
 
 def group_of(key_id: str, team: str | None) -> str:
@@ -270,6 +267,11 @@ class Store(abc.ABC):
     # teams -------------------------------------------------------------------
     @abc.abstractmethod
     async def put_team(self, team: Team) -> None: ...
+
+    @abc.abstractmethod
+    async def seed_team(self, team: Team) -> bool:
+        """Create ``team`` only if the store has no team of that name; True if it did.
+        One atomic step, so a team changed meanwhile is never overwritten."""
 
     @abc.abstractmethod
     async def team(self, name: str) -> Team | None: ...

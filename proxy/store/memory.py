@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..limits import Limits
 from .base import (
     CLAIM_LEASES,
     UNCERTAIN_STATUS,
@@ -34,6 +35,8 @@ from .base import (
 # Nothing waits on anything outside this process here, so an hour is ample.
 FORGET_SECONDS = 3_600
 FORGET_MOST = 1_000_000
+# An rpm of 0 allows no request at all; a retry helps only once someone raises it.
+ZERO_RPM_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -108,6 +111,12 @@ class MemoryStore(Store):
     async def put_team(self, team: Team) -> None:
         self._teams[team.name] = team
 
+    async def seed_team(self, team: Team) -> bool:
+        if team.name in self._teams:
+            return False
+        self._teams[team.name] = team
+        return True
+
     async def team(self, name: str) -> Team | None:
         return self._teams.get(name)
 
@@ -126,41 +135,29 @@ class MemoryStore(Store):
         if key.revoked:
             return Reservation(Refusal.REVOKED)
         limits = key.limits
-        team_limits = self._teams[key.team].limits if key.team in self._teams else None
+        team_limits = self._teams[key.team].limits if key.team in self._teams else Limits()
         p = request.periods
         levels = [
             ("key", key.id, p.day, limits.daily_micros, Refusal.KEY_DAILY),
             ("key", key.id, p.month, limits.monthly_micros, Refusal.KEY_MONTHLY),
         ]
         if key.team is not None:
+            levels.append(("team", key.team, p.day, team_limits.daily_micros, Refusal.TEAM_DAILY))
             levels.append(
-                (
-                    "team",
-                    key.team,
-                    p.day,
-                    team_limits.daily_micros if team_limits else 0,
-                    Refusal.TEAM_DAILY,
-                )
-            )
-            levels.append(
-                (
-                    "team",
-                    key.team,
-                    p.month,
-                    team_limits.monthly_micros if team_limits else 0,
-                    Refusal.TEAM_MONTHLY,
-                )
+                ("team", key.team, p.month, team_limits.monthly_micros, Refusal.TEAM_MONTHLY)
             )
         for scope, name, period, limit, refusal in levels:
             c = self._ledger[(scope, name, period)]
-            if limit and c.held + c.spent + request.amount > limit:
+            if limit is not None and c.held + c.spent + request.amount > limit:
                 return Reservation(refusal)
-        if limits.concurrency:
+        if limits.concurrency is not None:
             active = sum(1 for h in self._holds.values() if h.request.key_id == key.id)
             if active >= limits.concurrency:
                 return Reservation(Refusal.CONCURRENCY, retry_after=1.0)
         new_tat = None
-        if limits.rpm:
+        if limits.rpm == 0:
+            return Reservation(Refusal.RPM, retry_after=ZERO_RPM_RETRY_SECONDS)
+        if limits.rpm is not None:
             new_tat, wait = _gcra(self._tat.get(key.id, 0.0), now, limits.rpm)
             if wait > 0:
                 return Reservation(Refusal.RPM, retry_after=wait)
@@ -172,7 +169,7 @@ class MemoryStore(Store):
             c = self._ledger[(scope, name, period)]
             c.held += request.amount
             c.requests += 1
-            if scope == "team" and limit:
+            if scope == "team" and limit is not None:
                 remaining[period] = limit - c.held - c.spent
         hold = _Hold(request, now + request.ttl_seconds)
         claimed = False
@@ -274,7 +271,7 @@ class MemoryStore(Store):
 
     async def tally(self, scope: str, name: str, period: str) -> Tally:
         c = self._ledger.get((scope, name, period), _Counter())
-        limit = 0
+        limit = None
         daily = len(period) == 10
         if scope == "key" and name in self._keys:
             lim = self._keys[name].limits

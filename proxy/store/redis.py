@@ -20,6 +20,11 @@ script can touch a key, its team and their money in one cluster slot.
                                            (the expiry sweep visits only these)
     apiyi:{res}:...                        replay bodies, capped (``proxy/results.py``)
 
+A limit is stored in micro-dollars (or as a count); a limit left out is no limit, and
+0 allows nothing. Records written before that rule stored 0 for no limit: every
+record now carries ``format`` = ``2``, and one without it is read the old way, so an
+upgrade never blocks every key.
+
 The money steps are the Lua scripts in ``proxy/lua`` (``common.lua`` prepended),
 loaded once and called by EVALSHA; every call is one round trip. On a single-node
 store they go over one pipelined connection of their own (``resp.py``); everything
@@ -43,12 +48,12 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from ..config import StoreSettings
+from ..limits import Limits
 from .base import (
     HoldRequest,
     IdemRecord,
     IdemState,
     KeyRecord,
-    Limits,
     Refusal,
     Reservation,
     Settlement,
@@ -71,6 +76,8 @@ ACTIVE_WINDOW_MS = 10 * 60 * 1000
 # and its replica notes the group again at every renewal anyway.
 NOTE_AGAIN_SECONDS = 60.0
 NOTED_MOST = 100_000
+# Marks a key or team record whose 0 allows nothing (the scripts know it too).
+RECORD_FORMAT = "2"
 
 
 def _translated(
@@ -152,6 +159,7 @@ class RedisStore(Store):
         self._idem_consume = client.register_script(load_script("idem_consume"))
         self._renew = client.register_script(load_script("renew"))
         self._key_lookup = client.register_script(load_script("key_lookup"))
+        self._seed_team = client.register_script(load_script("seed_team"))
         self._groups: dict[str, str] = {}
         self._noted: dict[str, float] = {}  # group -> when to note it active again
         self._noting: set[asyncio.Future[None]] = set()
@@ -186,7 +194,7 @@ class RedisStore(Store):
     async def add_key(self, record: KeyRecord) -> None:
         group = group_of(record.id, record.team)
         base = self._base(group)
-        await self.r.hset(base + "key:" + record.id, mapping=_key_fields(record))
+        await self._write_record(base + "key:" + record.id, _key_fields(record))
         await self.r.hset(f"{self.p}:keygroups", record.id, group)
         await self.r.sadd(f"{self.p}:groups", group)
         await self.r.set(f"{self.p}:keyhash:{record.key_hash}", f"{group}|{record.id}")
@@ -243,19 +251,39 @@ class RedisStore(Store):
             raise ValueError("a key's team is fixed at creation")
         updated = current.with_changes(**changes)
         group = group_of(key_id, current.team)
-        await self.r.hset(self._base(group) + "key:" + key_id, mapping=_key_fields(updated))
+        await self._write_record(self._base(group) + "key:" + key_id, _key_fields(updated))
         return updated
+
+    async def _write_record(self, key: str, fields: dict[str, Any]) -> None:
+        """Set a record's fields and drop those that are None (no limit), in one step."""
+        absent = [name for name, value in fields.items() if value is None]
+        async with self.r.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={k: v for k, v in fields.items() if v is not None})
+            if absent:
+                pipe.hdel(key, *absent)
+            await pipe.execute()
 
     # teams -------------------------------------------------------------------
     @_translated
     async def put_team(self, team: Team) -> None:
         group = group_of("", team.name)
-        await self.r.hset(
-            self._base(group) + "team",
-            mapping={"daily": team.limits.daily_micros, "monthly": team.limits.monthly_micros},
-        )
+        await self._write_record(self._base(group) + "team", _team_fields(team))
         await self.r.sadd(f"{self.p}:teams", team.name)
         await self.r.sadd(f"{self.p}:groups", group)
+
+    async def seed_team(self, team: Team) -> bool:
+        group = group_of("", team.name)
+        present = {k: v for k, v in _team_fields(team).items() if v is not None}
+        flat = [item for pair in present.items() for item in pair]
+        created = await self._run(self._seed_team, [self._base(group) + "team"], flat)
+        # Listed whatever the answer: a seed that died between the two steps is completed.
+        await self._list_team(team.name)
+        return bool(created)
+
+    @_translated
+    async def _list_team(self, name: str) -> None:
+        await self.r.sadd(f"{self.p}:teams", name)
+        await self.r.sadd(f"{self.p}:groups", group_of("", name))
 
     @_translated
     async def team(self, name: str) -> Team | None:
@@ -265,7 +293,7 @@ class RedisStore(Store):
         fields = await self.r.hgetall(self._base(group_of("", name)) + "team")
         if not fields:
             return None
-        return Team(name, Limits(int(fields["daily"]), int(fields["monthly"])))
+        return Team(name, Limits(_limit(fields, "daily"), _limit(fields, "monthly")))
 
     @_translated
     async def teams(self) -> list[Team]:
@@ -480,6 +508,7 @@ class RedisStore(Store):
             self._idem_consume,
             self._renew,
             self._key_lookup,
+            self._seed_team,
         )
         for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
@@ -510,6 +539,7 @@ def _key_fields(record: KeyRecord) -> dict[str, Any]:
         "last4": record.last4,
         "created": record.created,
         "team": record.team or "",
+        "format": RECORD_FORMAT,
         "daily": record.limits.daily_micros,
         "monthly": record.limits.monthly_micros,
         "rpm": record.limits.rpm,
@@ -517,6 +547,26 @@ def _key_fields(record: KeyRecord) -> dict[str, Any]:
         "models": ",".join(record.models),
         "revoked": 1 if record.revoked else 0,
     }
+
+
+def _team_fields(team: Team) -> dict[str, Any]:
+    return {
+        "format": RECORD_FORMAT,
+        "daily": team.limits.daily_micros,
+        "monthly": team.limits.monthly_micros,
+    }
+
+
+def _limit(fields: dict[str, str], name: str) -> int | None:
+    """A stored limit: absent is no limit; 0 is no limit too in a record written
+    before the format mark (as reserve.lua reads it)."""
+    value = fields.get(name, "")
+    if value == "":
+        return None
+    limit = int(value)
+    if limit == 0 and fields.get("format") != RECORD_FORMAT:
+        return None
+    return limit
 
 
 def _key_record(fields: dict[str, str]) -> KeyRecord | None:
@@ -530,10 +580,10 @@ def _key_record(fields: dict[str, str]) -> KeyRecord | None:
         created=int(fields["created"]),
         team=fields.get("team") or None,
         limits=Limits(
-            int(fields.get("daily", 0)),
-            int(fields.get("monthly", 0)),
-            int(fields.get("rpm", 0)),
-            int(fields.get("concurrency", 0)),
+            _limit(fields, "daily"),
+            _limit(fields, "monthly"),
+            _limit(fields, "rpm"),
+            _limit(fields, "concurrency"),
         ),
         models=tuple(m for m in fields.get("models", "").split(",") if m),
         revoked=fields.get("revoked") == "1",
