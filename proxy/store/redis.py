@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -45,6 +45,7 @@ from .base import (
     IdemState,
     KeyRecord,
     Limits,
+    Periods,
     Refusal,
     Reservation,
     Store,
@@ -138,6 +139,7 @@ class RedisStore(Store):
         self._idem_begin = client.register_script(load_script("idem_begin"))
         self._idem_abandon = client.register_script(load_script("idem_abandon"))
         self._key_lookup = client.register_script(load_script("key_lookup"))
+        self._forget_key = client.register_script(load_script("forget_key"))
         self._groups: dict[str, str] = {}
 
     @classmethod
@@ -229,6 +231,26 @@ class RedisStore(Store):
         group = group_of(key_id, current.team)
         await self.r.hset(self._base(group) + "key:" + key_id, mapping=_key_fields(updated))
         return updated
+
+    async def forget_key(self, key_id: str, periods: Periods, hold_ids: Sequence[str] = ()) -> bool:
+        group = group_of(key_id, None)  # a key of a team is never forgotten
+        base = self._base(group)
+        holds = [h for h in hold_ids if hold_group(h) == group]
+        args = [base, key_id, periods.day, periods.month, *holds]
+        key_hash = await self._run(self._forget_key, [base + "key:" + key_id], args)
+        if not key_hash:
+            return False
+        # The indexes outside the group's slot go once the record is gone: a lookup in
+        # between finds an index pointing at nothing, as for an unknown key.
+        await self._unindex(key_id, key_hash, group)
+        return True
+
+    @_translated
+    async def _unindex(self, key_id: str, key_hash: str, group: str) -> None:
+        self._groups.pop(key_id, None)
+        await self.r.delete(f"{self.p}:keyhash:{key_hash}")
+        await self.r.hdel(f"{self.p}:keygroups", key_id)
+        await self.r.srem(f"{self.p}:groups", group)  # the key was its group's only member
 
     # teams -------------------------------------------------------------------
     @_translated
@@ -394,6 +416,7 @@ class RedisStore(Store):
             self._idem_begin,
             self._idem_abandon,
             self._key_lookup,
+            self._forget_key,
         )
         for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
