@@ -8,6 +8,7 @@ atomically, so a revoked key is refused there even while a stale copy is cached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import re
@@ -17,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import Settings
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, ProxyError, Unauthorized
 from .keys import KeyHasher
 from .ledger import Ledger
 from .store import KeyRecord, Limits
@@ -116,6 +117,25 @@ class Authenticator:
 
     def forget(self, key_hash: str) -> None:
         self._cache.pop(key_hash, None)
+
+    async def forget_refused(self, caller: Caller, hold_id: str | None) -> None:
+        """Drop the ledger record of a passthrough key the upstream refused, so that
+        made-up keys leave nothing behind; ``hold_id`` is the refused call's hold.
+
+        The store keeps a record with money held or spent on it. One older than the
+        current budget periods is kept too: its spend there is not looked at.
+        """
+        record = caller.key
+        if caller.upstream_key is None:
+            return
+        self.forget(record.key_hash)
+        periods = self._ledger.periods()
+        if self._ledger.periods(record.created) != periods:
+            return
+        holds = (hold_id,) if hold_id else ()
+        store = self._ledger.store
+        with contextlib.suppress(ProxyError):  # best effort: the answer is decided
+            await self._ledger.call("key", lambda: store.forget_key(record.id, periods, holds))
 
     async def _passthrough_record(self, key_hash: str, token: str) -> KeyRecord:
         """The ledger record metering an upstream key, made on first sight."""

@@ -29,6 +29,7 @@ from .ledger import Ledger
 from .metrics import Metrics
 from .policy import Decision, RequestPolicy
 from .upstream import UpstreamClient
+from .upstream_errors import key_refused
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class ImagesEndpoint:
         ex = exchange_of(scope)
         ex.route = self.route
         form: edits.EditForm | None = None
+        admitted: Admitted | None = None
         self._in_flight.inc()
         try:
             admitted = await self._admit(scope, receive, ex)
@@ -91,6 +93,8 @@ class ImagesEndpoint:
             await self._run(ex, admitted, send)
         except ProxyError as error:
             ex.error_code = error.code
+            if admitted is not None and key_refused(error):
+                await self.s.auth.forget_refused(admitted.caller, ex.hold)
             self.s.metrics.rejections.labels(error.code or "invalid_request").inc()
             await send_error(send, error)
         except ClientGone:
