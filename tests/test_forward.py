@@ -9,8 +9,10 @@ proxy cannot know (timeouts, lost connections).
 from __future__ import annotations
 
 import base64
+import random
 import re
 import socket
+import string
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -19,6 +21,7 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis
 from starlette.types import Receive, Scope, Send
 
 from proxy.fake_upstream import FakeUpstream, create_fake_app
@@ -463,6 +466,70 @@ def test_passthrough_refuses_what_is_not_shaped_like_an_upstream_key(
     assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
     assert log.requests == []
     assert proxy.admin("GET", "/admin/keys").json()["data"] == []
+
+
+def random_tokens(count: int) -> list[str]:
+    """Bearer tokens of every shape, about a third of them shaped like upstream keys."""
+    rng = random.Random(7)
+    alnum = string.ascii_letters + string.digits
+
+    def text(alphabet: str, low: int, high: int) -> str:
+        return "".join(rng.choices(alphabet, k=rng.randint(low, high)))
+
+    makers = [
+        lambda: "sk-" + text(alnum, 32, 64),  # key-shaped: the upstream decides
+        lambda: "sk-" + text(alnum, 1, 31),
+        lambda: "sk-" + text(alnum, 65, 120),
+        lambda: "sk-" + text(alnum + "-_", 43, 43),  # a proxy key's alphabet
+        lambda: text(alnum + "-_.~+/=", 1, 100),
+        lambda: rng.choice(["SK-", "sk_", "pk-", "Bearer-", ""]) + text(alnum, 32, 64),
+    ]
+    return [makers[i % len(makers)]() for i in range(count)]
+
+
+def test_passthrough_random_tokens_leave_no_store_state(
+    logged_fake: tuple[FakeUpstream, HeaderLog, ThreadServer],
+    start_proxy: Callable[..., Proxy],
+    redis_server: RedisServer,
+) -> None:
+    """Made-up tokens cost no upstream call unless shaped like a key, and leave no
+    ledger state either way; a real key is still forwarded and metered."""
+    _, log, server = logged_fake
+    proxy = start_proxy(server.url, store={"url": redis_server.url}, auth={"mode": "passthrough"})
+    db = redis.Redis.from_url(redis_server.url)
+    before = db.dbsize()
+
+    tokens = random_tokens(300)
+    shaped = [t for t in tokens if re.fullmatch(r"sk-[A-Za-z0-9]{32,64}", t)]
+    assert 50 <= len(shaped) < len(tokens) - 100
+    with httpx.Client(timeout=30) as client:
+        for i, token in enumerate(tokens):
+            # Some as an SDK's first attempt, which also claims an idempotency scope.
+            retry = {"x-stainless-retry-count": "0"} if i % 3 == 0 else {}
+            response = client.post(
+                proxy.url + GENERATIONS,
+                json={"prompt": "x", "response_format": "url"},
+                headers={"authorization": f"Bearer {token}", **retry},
+            )
+            assert response.status_code == 401, response.text
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+
+    # Only the key-shaped ones reached the upstream, each once; nothing was billed.
+    assert sorted(r["authorization"] for r in log.requests) == sorted(f"Bearer {t}" for t in shaped)
+    assert billing(server) == {"images_billed": 0, "requests": []}
+    assert db.dbsize() == before
+    assert proxy.admin("GET", "/admin/keys").json()["data"] == []
+
+    # A real key still works, and is metered under its own record.
+    result = sdk(proxy, CLIENT_KEY).images.generate(prompt="mine", response_format="url")
+    assert result.data and result.data[0].url
+    assert billing(server)["images_billed"] == 1
+    usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {CLIENT_KEY}"})
+    assert usage.json()["key"]["id"] == "pt_" + proxy.services.hasher.hash(CLIENT_KEY)[:16]
+    assert usage.json()["today"]["spent_usd"] == pytest.approx(PRICE)
+    assert db.dbsize() > before
+    db.close()
 
 
 # store down ----------------------------------------------------------------------------
