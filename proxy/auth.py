@@ -61,7 +61,9 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
         self._fetches: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
+    async def authenticate(self, headers: Mapping[str, str], *, create: bool = True) -> Caller:
+        """The caller, or 401. Without ``create`` an unseen passthrough key gets the record
+        it would have, unsaved: a read must not create ledger state."""
         token = bearer_token(headers)
         if token is None:
             raise Unauthorized(
@@ -75,7 +77,8 @@ class Authenticator:
                     "letters or digits."
                 )
             key_hash = self._hasher.hash(token)
-            return Caller(await self._passthrough_record(key_hash, token), upstream_key=token)
+            metered = await self._passthrough_record(key_hash, token, create)
+            return Caller(metered, upstream_key=token)
         key_hash = self._hasher.hash(token)
         record = await self._lookup(key_hash)
         if record is None or record.revoked or not hmac.compare_digest(record.key_hash, key_hash):
@@ -137,7 +140,7 @@ class Authenticator:
         with contextlib.suppress(ProxyError):  # best effort: the answer is decided
             await self._ledger.call("key", lambda: store.forget_key(record.id, periods, holds))
 
-    async def _passthrough_record(self, key_hash: str, token: str) -> KeyRecord:
+    async def _passthrough_record(self, key_hash: str, token: str, create: bool) -> KeyRecord:
         """The ledger record metering an upstream key, made on first sight."""
         record = await self._lookup(key_hash)
         if record is not None:
@@ -156,6 +159,7 @@ class Authenticator:
                 concurrency=ledger.default_concurrency,
             ),
         )
-        await self._ledger.call("key", lambda: self._ledger.store.add_key(record))
-        self._remember(key_hash, record, time.monotonic())
+        if create:
+            await self._ledger.call("key", lambda: self._ledger.store.add_key(record))
+            self._remember(key_hash, record, time.monotonic())
         return record

@@ -518,6 +518,10 @@ def test_passthrough_random_tokens_leave_no_store_state(
     # Only the key-shaped ones reached the upstream, each once; nothing was billed.
     assert sorted(r["authorization"] for r in log.requests) == sorted(f"Bearer {t}" for t in shaped)
     assert billing(server) == {"images_billed": 0, "requests": []}
+    # Reading its usage does not make a key-shaped token a record either.
+    for token in shaped[:20]:
+        usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {token}"})
+        assert usage.json()["today"]["requests"] == 0
     assert db.dbsize() == before
     assert proxy.admin("GET", "/admin/keys").json()["data"] == []
 
