@@ -8,20 +8,25 @@ atomically, so a revoked key is refused there even while a stale copy is cached.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .config import Settings
-from .errors import Forbidden, Unauthorized
+from .errors import Forbidden, ProxyError, Unauthorized
 from .keys import KeyHasher
 from .ledger import Ledger
 from .store import KeyRecord
 
 CACHE_ENTRIES = 10_000
+# What an upstream key of this provider family looks like. In passthrough mode anything
+# else is refused before it costs an upstream call or a ledger record.
+UPSTREAM_KEY_SHAPE = re.compile(r"sk-[A-Za-z0-9]{32,64}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +62,25 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
         self._fetches: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
-    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
+    async def authenticate(self, headers: Mapping[str, str], *, create: bool = True) -> Caller:
+        """The caller, or 401. Without ``create`` an unseen passthrough key gets the record
+        it would have, unsaved: a read must not create ledger state."""
         token = bearer_token(headers)
         if token is None:
             raise Unauthorized(
                 "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.",
                 code="missing_api_key",
             )
-        key_hash = self._hasher.hash(token)
         if self._settings.auth.mode == "passthrough":
-            return Caller(await self._passthrough_record(key_hash, token), upstream_key=token)
+            if not UPSTREAM_KEY_SHAPE.fullmatch(token):
+                raise Unauthorized(
+                    "Incorrect API key provided: an upstream key is 'sk-' and 32 to 64 "
+                    "letters or digits."
+                )
+            key_hash = self._hasher.hash(token)
+            metered = await self._passthrough_record(key_hash, token, create)
+            return Caller(metered, upstream_key=token)
+        key_hash = self._hasher.hash(token)
         record = await self._lookup(key_hash)
         if record is None or record.revoked or not hmac.compare_digest(record.key_hash, key_hash):
             raise Unauthorized("Incorrect API key provided.")
@@ -108,7 +122,26 @@ class Authenticator:
     def forget(self, key_hash: str) -> None:
         self._cache.pop(key_hash, None)
 
-    async def _passthrough_record(self, key_hash: str, token: str) -> KeyRecord:
+    async def forget_refused(self, caller: Caller, hold_id: str | None) -> None:
+        """Drop the ledger record of a passthrough key the upstream refused, so that
+        made-up keys leave nothing behind; ``hold_id`` is the refused call's hold.
+
+        The store keeps a record with money held or spent on it. One older than the
+        current budget periods is kept too: its spend there is not looked at.
+        """
+        record = caller.key
+        if caller.upstream_key is None:
+            return
+        self.forget(record.key_hash)
+        periods = self._ledger.periods()
+        if self._ledger.periods(record.created) != periods:
+            return
+        holds = (hold_id,) if hold_id else ()
+        store = self._ledger.store
+        with contextlib.suppress(ProxyError):  # best effort: the answer is decided
+            await self._ledger.call("key", lambda: store.forget_key(record.id, periods, holds))
+
+    async def _passthrough_record(self, key_hash: str, token: str, create: bool) -> KeyRecord:
         """The ledger record metering an upstream key, made on first sight."""
         record = await self._lookup(key_hash)
         if record is not None:
@@ -121,6 +154,7 @@ class Authenticator:
             created=int(time.time()),
             limits=self._default_limits,
         )
-        await self._ledger.call("key", lambda: self._ledger.store.add_key(record))
-        self._remember(key_hash, record, time.monotonic())
+        if create:
+            await self._ledger.call("key", lambda: self._ledger.store.add_key(record))
+            self._remember(key_hash, record, time.monotonic())
         return record

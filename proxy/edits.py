@@ -20,7 +20,7 @@ from starlette.types import Message, Receive, Scope
 
 from .config import PolicySettings
 from .errors import BodyTooLarge, InvalidRequest
-from .http import ClientGone
+from .http import ClientGone, decimal
 
 IMAGE_FIELDS = ("image", "image[]")
 CHUNK = 64 * 1024
@@ -100,8 +100,8 @@ async def read_form(
     scope: Scope, receive: Receive, headers: Mapping[str, str], policy: PolicySettings
 ) -> EditForm:
     limit = policy.max_edit_body_bytes
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    declared = decimal(headers.get("content-length", ""))
+    if declared is not None and declared > limit:
         raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
     if not headers.get("content-type", "").startswith("multipart/form-data"):
         raise InvalidRequest("Image edits take a multipart/form-data body.")

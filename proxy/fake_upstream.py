@@ -47,6 +47,7 @@ ACCEPTED = frozenset({"model", "prompt", "size", "response_format", "n"})
 FAULTS = ("timeout", "reset", "500", "429", "quota", "moderation", "error200")
 _DIRECTIVE = re.compile(r"\[fake:([a-z0-9-]+)(?:=([0-9.]+))?\]")
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+_COUNT = re.compile(r"[0-9]{1,5}")  # ASCII only: "²".isdigit(), but int("²") raises
 CHUNK = 64 * 1024
 
 
@@ -178,7 +179,7 @@ def create_fake_app(fake: FakeUpstream) -> Starlette:
         async with request.form(max_files=32) as form:
             for name, value in form.multi_items():
                 if isinstance(value, str):
-                    fields[name] = int(value) if name == "n" and value.isdigit() else value
+                    fields[name] = int(value) if name == "n" and _COUNT.fullmatch(value) else value
                 elif name in ("image", "image[]"):
                     images.append(await value.read())
                 else:

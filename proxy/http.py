@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,6 +12,8 @@ from starlette.types import Receive, Scope, Send
 from .errors import BodyTooLarge, InvalidRequest, ProxyError
 
 JSON = b"application/json"
+# Enough digits for any count or length a client may mean; int() refuses past 4,300.
+_DECIMAL = re.compile(r"[0-9]{1,18}")
 
 
 class ClientGone(Exception):
@@ -57,6 +60,16 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
+
+
+def decimal(text: str) -> int | None:
+    """``text`` (spaces around it aside) as a whole number if it is ASCII digits, else None.
+
+    ``str.isdigit`` also passes "²", which ``int`` refuses, and ``int`` reads fullwidth
+    or Arabic-Indic digits as numbers: in client text only ASCII digits count.
+    """
+    match = _DECIMAL.fullmatch(text.strip())
+    return None if match is None else int(match[0])
 
 
 def _too_large(limit: int) -> BodyTooLarge:

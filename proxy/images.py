@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .money import Outcome, Resolution, charge
 from .policy import Decision, RequestPolicy
 from .upstream import UpstreamClient
+from .upstream_errors import key_refused
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class ImagesEndpoint:
         ex.route = self.route
         form: edits.EditForm | None = None
         dedupe = Dedupe()
+        admitted: Admitted | None = None
         self._in_flight.inc()
         try:
             admitted = await self._admit(scope, receive, ex)
@@ -141,6 +143,8 @@ class ImagesEndpoint:
             await self._run(ex, admitted, receive, send, dedupe)
         except ProxyError as error:
             ex.error_code = error.code
+            if admitted is not None and key_refused(error):
+                await self.s.auth.forget_refused(admitted.caller, ex.hold)
             self.s.metrics.rejections.labels(error.code or "invalid_request").inc()
             presence = dedupe.presence
             await send_error(presence.wrap(send) if presence else send, error)

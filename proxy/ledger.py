@@ -196,10 +196,10 @@ class Ledger:
             reservation = await store.reserve(request)
         if reservation.refusal is not None:
             self._metrics.rejections.labels(reservation.refusal.value).inc()
-            error = _refusal_error(reservation.refusal, reservation.retry_after)
+            refused = _refusal_error(reservation.refusal, reservation.retry_after)
             if 0 in (key.limits.rpm, key.limits.concurrency):
-                error.should_retry = False  # a limit of 0 allows nothing, ever
-            raise error
+                refused.should_retry = False  # a limit of 0 allows nothing, ever
+            raise refused
         team = key.team or "none"
         if reservation.team_remaining:
             for period, remaining in reservation.team_remaining.items():

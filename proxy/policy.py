@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import PolicySettings
 from .errors import InvalidRequest
+from .http import decimal
 from .sizes import SizeTable, normalise_size
 
 RESPONSE_FORMATS = ("url", "b64_json")
@@ -187,8 +188,8 @@ class RequestPolicy:
 
     def _n(self, raw: object, from_form: bool) -> int:
         value = raw
-        if from_form and isinstance(raw, str) and raw.strip().isdigit():
-            value = int(raw.strip())
+        if from_form and isinstance(raw, str):
+            value = decimal(raw)
         if isinstance(value, bool) or not isinstance(value, int):
             raise InvalidRequest("'n' must be an integer from 1 to 10.", param="n")
         if not 1 <= value <= self.settings.max_n:

@@ -15,6 +15,10 @@ import orjson
 from .errors import ProxyError, UpstreamFailed, UpstreamStatus
 
 QUOTA_CODES = frozenset({"insufficient_user_quota", "insufficient_quota", "quota_exceeded"})
+# A passthrough caller's own key refused by the upstream (any 401; a 403 only with this
+# code, as a 403 is otherwise about quota or permissions of a real key) is answered
+# with this code whatever the upstream wrote, so the proxy can act on it (``key_refused``).
+KEY_REFUSED = "invalid_api_key"
 DEFAULT_RETRY_AFTER = 5.0
 _URL = re.compile(r"https?://[^\s\"'<>]+")
 
@@ -72,6 +76,8 @@ def upstream_error(
             f"The proxy's upstream {what}; the operator has been alerted.",
             code="upstream_quota_exhausted" if quota else "upstream_auth_failed",
         )
+    if status == 401 or (status == 403 and code == KEY_REFUSED):
+        code = KEY_REFUSED  # the caller's own key (passthrough)
     if status >= 500:
         return _retryable_5xx(message)
     if status == 429:
@@ -93,6 +99,11 @@ def upstream_error(
     if 400 <= status < 500:
         return UpstreamStatus(status, message, type_=type_, code=code, param=param)
     return UpstreamFailed(f"Upstream answered with unexpected status {status}.")
+
+
+def key_refused(error: ProxyError) -> bool:
+    """True if ``error`` is the upstream refusing a passthrough caller's own key."""
+    return isinstance(error, UpstreamStatus) and error.code == KEY_REFUSED
 
 
 def _retryable_5xx(message: str) -> ProxyError:

@@ -10,6 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from proxy.fake_upstream import make_png
+
 from .conftest import Proxy, billing
 
 
@@ -116,6 +118,23 @@ def test_edits_refuse_non_images_and_json(proxy: Proxy, fake: Any) -> None:
     )
     assert_openai_error(no_image, 400)
     assert billing(fake[1])["requests"] == []
+
+
+@pytest.mark.parametrize("n", ["²", "\uff13", "\u0663"])
+def test_edit_with_a_unicode_digit_n_is_400_and_not_billed(proxy: Proxy, fake: Any, n: str) -> None:
+    key = proxy.new_key()
+    response = httpx.post(
+        proxy.url + "/v1/images/edits",
+        headers={"authorization": f"Bearer {key}"},
+        data={"prompt": "x", "n": n},
+        files={"image": ("a.png", make_png(), "image/png")},
+        timeout=10,
+    )
+    assert assert_openai_error(response, 400)["param"] == "n"
+    assert billing(fake[1]) == {"images_billed": 0, "requests": []}
+    usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {key}"})
+    assert usage.json()["today"]["requests"] == 0
+    assert usage.json()["today"]["spent_usd"] == 0
 
 
 json_values = st.recursive(

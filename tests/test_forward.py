@@ -9,8 +9,10 @@ proxy cannot know (timeouts, lost connections).
 from __future__ import annotations
 
 import base64
+import random
 import re
 import socket
+import string
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
@@ -19,6 +21,7 @@ import httpx
 import openai
 import orjson
 import pytest
+import redis
 from starlette.types import Receive, Scope, Send
 
 from proxy.fake_upstream import FakeUpstream, create_fake_app
@@ -369,7 +372,10 @@ def test_strip_sends_one_call_and_bills_once(fake: Fake, start_proxy: Callable[.
 
 # passthrough ---------------------------------------------------------------------------
 
-CLIENT_KEY = "client-own-upstream-key-for-tests-0123456789"
+# Shaped like upstream keys (the proxy refuses anything else in passthrough mode), but
+# put together here so that no literal in the source looks like a leaked key.
+CLIENT_KEY = "sk-" + "ClientOwnUpstreamKeyForTests" + "0123456789"
+WRONG_KEY = "sk-" + "SomeoneElsesUpstreamKeyForTests" + "0123456789"
 
 
 class HeaderLog:
@@ -403,7 +409,7 @@ def test_passthrough_forwards_the_client_key_and_meters_it(
     assert _images(result)[0].startswith(PNG)
     assert [r["authorization"] for r in log.requests] == [f"Bearer {CLIENT_KEY}"]
 
-    wrong = "someone-elses-upstream-key-for-tests-0123456789"
+    wrong = WRONG_KEY
     with pytest.raises(openai.AuthenticationError) as info:
         sdk(proxy, wrong).images.generate(prompt="theirs")
     assert info.value.status_code == 401
@@ -416,17 +422,118 @@ def test_passthrough_forwards_the_client_key_and_meters_it(
     assert not any(UPSTREAM_KEY in value for r in log.requests for value in r.values())
     assert billing(server)["images_billed"] == 1
 
-    # Each client key is metered on its own, under an id made from its HMAC.
+    # Each client key is metered on its own, under an id made from its HMAC; the key
+    # the upstream refused left no record.
     mine = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {CLIENT_KEY}"})
-    theirs = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {wrong}"})
     hasher = proxy.services.hasher
     assert mine.json()["key"]["id"] == "pt_" + hasher.hash(CLIENT_KEY)[:16]
-    assert theirs.json()["key"]["id"] == "pt_" + hasher.hash(wrong)[:16]
-    assert CLIENT_KEY not in mine.text and wrong not in theirs.text
+    assert CLIENT_KEY not in mine.text
     assert mine.json()["today"]["spent_usd"] == pytest.approx(PRICE)
-    assert theirs.json()["today"]["spent_usd"] == 0
-    assert theirs.json()["today"]["held_usd"] == 0
-    assert theirs.json()["today"]["requests"] == 1
+    listed = proxy.admin("GET", "/admin/keys").json()["data"]
+    assert [k["id"] for k in listed] == [mine.json()["key"]["id"]]
+
+
+NOT_KEYS = {
+    "too short": "sk-" + "a1" * 15 + "b",
+    "too long": "sk-" + "a1" * 32 + "b",
+    "no prefix": "Ab1" * 14,
+    "other prefix": "pk-" + "Ab1" * 14,
+    "upper-case prefix": "SK-" + "Ab1" * 14,
+    "underscore": "sk_" + "Ab1" * 14,
+    "dash inside": "sk-" + "Ab1" * 7 + "-" + "Ab1" * 7,
+    "proxy key alphabet": "sk-" + "Ab_1" * 10,
+    "Unicode digits": "sk-" + "\uff11" * 40,
+    "Unicode letters": "sk-" + "\u00e9" * 40,
+}
+
+
+@pytest.mark.parametrize("shape", sorted(NOT_KEYS))
+def test_passthrough_refuses_what_is_not_shaped_like_an_upstream_key(
+    logged_fake: tuple[FakeUpstream, HeaderLog, ThreadServer],
+    start_proxy: Callable[..., Proxy],
+    shape: str,
+) -> None:
+    _, log, server = logged_fake
+    proxy = start_proxy(server.url, auth={"mode": "passthrough"})
+    token = NOT_KEYS[shape]
+    response = httpx.post(
+        proxy.url + GENERATIONS,
+        json={"prompt": "x", "response_format": "url"},
+        headers={"authorization": b"Bearer " + token.encode("utf-8")},
+    )
+    assert response.status_code == 401
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+    assert log.requests == []
+    assert proxy.admin("GET", "/admin/keys").json()["data"] == []
+
+
+def random_tokens(count: int) -> list[str]:
+    """Bearer tokens of every shape, about a third of them shaped like upstream keys."""
+    rng = random.Random(7)
+    alnum = string.ascii_letters + string.digits
+
+    def text(alphabet: str, low: int, high: int) -> str:
+        return "".join(rng.choices(alphabet, k=rng.randint(low, high)))
+
+    makers = [
+        lambda: "sk-" + text(alnum, 32, 64),  # key-shaped: the upstream decides
+        lambda: "sk-" + text(alnum, 1, 31),
+        lambda: "sk-" + text(alnum, 65, 120),
+        lambda: "sk-" + text(alnum + "-_", 43, 43),  # a proxy key's alphabet
+        lambda: text(alnum + "-_.~+/=", 1, 100),
+        lambda: rng.choice(["SK-", "sk_", "pk-", "Bearer-", ""]) + text(alnum, 32, 64),
+    ]
+    return [makers[i % len(makers)]() for i in range(count)]
+
+
+def test_passthrough_random_tokens_leave_no_store_state(
+    logged_fake: tuple[FakeUpstream, HeaderLog, ThreadServer],
+    start_proxy: Callable[..., Proxy],
+    redis_server: RedisServer,
+) -> None:
+    """Made-up tokens cost no upstream call unless shaped like a key, and leave no
+    ledger state either way; a real key is still forwarded and metered."""
+    _, log, server = logged_fake
+    proxy = start_proxy(server.url, store={"url": redis_server.url}, auth={"mode": "passthrough"})
+    db = redis.Redis.from_url(redis_server.url)
+    before = db.dbsize()
+
+    tokens = random_tokens(300)
+    shaped = [t for t in tokens if re.fullmatch(r"sk-[A-Za-z0-9]{32,64}", t)]
+    assert 50 <= len(shaped) < len(tokens) - 100
+    with httpx.Client(timeout=30) as client:
+        for i, token in enumerate(tokens):
+            # Some as an SDK's first attempt, which also claims an idempotency scope.
+            retry = {"x-stainless-retry-count": "0"} if i % 3 == 0 else {}
+            response = client.post(
+                proxy.url + GENERATIONS,
+                json={"prompt": "x", "response_format": "url"},
+                headers={"authorization": f"Bearer {token}", **retry},
+            )
+            assert response.status_code == 401, response.text
+            error = response.json()["error"]
+            assert (error["type"], error["code"]) == ("authentication_error", "invalid_api_key")
+
+    # Only the key-shaped ones reached the upstream, each once; nothing was billed.
+    assert sorted(r["authorization"] for r in log.requests) == sorted(f"Bearer {t}" for t in shaped)
+    assert billing(server) == {"images_billed": 0, "requests": []}
+    # Reading its usage does not make a key-shaped token a record either.
+    for token in shaped[:20]:
+        usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {token}"})
+        assert usage.json()["today"]["requests"] == 0
+    assert db.dbsize() == before
+    assert proxy.admin("GET", "/admin/keys").json()["data"] == []
+
+    # A real key still works, and is metered under its own record.
+    result = sdk(proxy, CLIENT_KEY).images.generate(prompt="mine", response_format="url")
+    assert result.data and result.data[0].url
+    assert billing(server)["images_billed"] == 1
+    usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {CLIENT_KEY}"})
+    assert usage.json()["key"]["id"] == "pt_" + proxy.services.hasher.hash(CLIENT_KEY)[:16]
+    assert usage.json()["today"]["spent_usd"] == pytest.approx(PRICE)
+    assert db.dbsize() > before
+    db.close()
 
 
 # store down ----------------------------------------------------------------------------

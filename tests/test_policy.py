@@ -409,6 +409,31 @@ def test_edit_form_fields_follow_the_same_policy() -> None:
     assert fanout.edit({"prompt": "x", "n": " 3 "}).calls == 3
 
 
+# Digits that str.isdigit() passes but a client cannot mean as a count: int() refuses
+# some ("²") and reads others (fullwidth, Arabic-Indic, Devanagari, mathematical bold
+# digits) as a number the client did not type.
+ODD_DIGITS = (
+    "²", "³", "¹", "⁵", "₂", "①", "1²",
+    "\uff13", "\u0663", "\u0967", "\U0001d7d1", "\u0663\u0663",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("policy", ["reject", "strip", "fanout"])
+@pytest.mark.parametrize("n", ODD_DIGITS)
+def test_form_n_counts_only_ascii_digits(policy: str, n: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        make_policy(n=policy).edit({"prompt": "x", "n": n})
+    assert info.value.param == "n"
+    assert info.value.code == "invalid_request"
+
+
+def test_form_n_of_many_digits_is_400() -> None:
+    for n in ("9" * 5000, "0" * 30 + "1"):
+        with pytest.raises(InvalidRequest) as info:
+            make_policy(n="fanout").edit({"prompt": "x", "n": n})
+        assert info.value.param == "n"
+
+
 # properties --------------------------------------------------------------------------
 
 FIELDS = ("model", "prompt", "size", "n", "response_format", "stream", *UNSUPPORTED)
@@ -492,6 +517,38 @@ LIKELY = st.fixed_dictionaries(
         lambda extra: {**extra, **body}
     )
 )
+# Multipart edit fields: every value is text, as a form carries it.
+FORM_DIGITS = st.one_of(
+    DIGITS,
+    st.sampled_from(ODD_DIGITS),
+    st.text(alphabet=st.characters(categories=["Nd", "No", "Nl"]), min_size=1, max_size=3),
+)
+FORM_TEXT = st.one_of(
+    st.text(max_size=20),
+    SIZES,
+    st.tuples(SPACE, FORM_DIGITS, SPACE).map("".join),
+    st.sampled_from(["", "url", "b64_json", "true", "false", "1", *MODELS, "gpt-image-1"]),
+)
+FORMS = st.fixed_dictionaries(
+    {"prompt": FORM_TEXT},
+    optional={name: FORM_TEXT for name in FIELDS if name != "prompt"},
+).flatmap(
+    lambda form: st.dictionaries(st.text(max_size=10), FORM_TEXT, max_size=3).map(
+        lambda extra: {**extra, **form}
+    )
+)
+LIKELY_FORMS = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1, max_size=40)},
+    optional={
+        "model": st.sampled_from([*MODELS, "gpt-image-1", "gpt-image-1-mini", "dall-e-3"]),
+        "size": st.sampled_from([*SPEC_VIP_SIZES, "512x512", "auto"]) | WRITTEN | SIZES,
+        "n": st.tuples(
+            SPACE, st.integers(min_value=1, max_value=3).map(str) | FORM_DIGITS, SPACE
+        ).map("".join),
+        "response_format": st.sampled_from(["url", "b64_json", ""]),
+        "stream": st.sampled_from(["false", "0", ""]),
+    },
+)
 SETTINGS = st.builds(
     PolicySettings,
     n=st.sampled_from(["reject", "strip", "fanout"]),
@@ -539,6 +596,46 @@ def test_what_passes_is_a_body_the_upstream_accepts(
             assert 512 <= max(int(edge) for edge in size.split("x")) <= 1536
     assert decision.images == decision.calls
     assert 1 <= decision.images <= 10
+    if config.n != "fanout":
+        assert decision.images == 1
+    header = decision.adjusted_header
+    assert header is None or (header.isascii() and header.isprintable())
+
+
+@settings(max_examples=300, deadline=None)
+@given(SETTINGS, FORMS)
+def test_any_edit_form_is_a_decision_or_a_4xx(config: PolicySettings, form: dict[str, str]) -> None:
+    try:
+        decision = RequestPolicy(config).edit(form)
+    except ProxyError as error:
+        assert isinstance(error, InvalidRequest)
+        assert 400 <= error.status < 500
+        assert error.message
+        assert error.body().startswith(b'{"error":')
+    else:
+        assert isinstance(decision, Decision)
+
+
+@settings(max_examples=300, deadline=None)
+@given(SETTINGS, LIKELY_FORMS)
+def test_what_passes_as_an_edit_form_is_a_body_the_upstream_accepts(
+    config: PolicySettings, form: dict[str, str]
+) -> None:
+    try:
+        decision = RequestPolicy(config).edit(form)
+    except InvalidRequest:
+        return
+    body = decision.body
+    assert check_generation(body) is None, body
+    assert set(body) <= {"model", "prompt", "size", "response_format"}
+    assert all(isinstance(value, str) for value in body.values())
+    assert body["response_format"] == decision.response_format
+    if "n" in form:
+        # Only a count written in ASCII digits passes, and it is the count charged.
+        written = form["n"].strip()
+        assert written.isascii() and written.isdigit(), form["n"]
+        if config.n == "fanout":
+            assert decision.images == decision.calls == int(written)
     if config.n != "fanout":
         assert decision.images == 1
     header = decision.adjusted_header

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from proxy.config import StoreSettings
 from proxy.keys import KeyHasher, issue_key
@@ -96,6 +97,64 @@ async def test_keys_roundtrip(store: Store) -> None:
     assert await store.update_key("key_missing", revoked=True) is None
     with pytest.raises(ValueError):
         await store.update_key(key.id, team="other")
+
+
+async def stored_names(store: Store) -> list[str]:
+    """Every Redis key under the store's prefix (a memory store has none)."""
+    if not isinstance(store, RedisStore):
+        return []
+    if isinstance(store.r, RedisCluster):
+        names = await store.r.keys(f"{store.p}:*", target_nodes=RedisCluster.PRIMARIES)
+    else:
+        names = await store.r.keys(f"{store.p}:*")
+    return sorted(names)
+
+
+async def test_forget_key_removes_a_key_that_cost_nothing(store: Store) -> None:
+    before = await stored_names(store)
+    key = new_key(rpm=60, concurrency=2, daily_micros=PRICE * 10)
+    await store.add_key(key)
+    holds = [hold(key), hold(key)]
+    for h in holds:
+        assert (await store.reserve(h)).ok
+        await store.release(h.hold_id)
+    assert await store.forget_key(key.id, PERIODS, [h.hold_id for h in holds])
+    assert await store.key_by_hash(key.key_hash) is None
+    assert await store.key(key.id) is None
+    assert await store.keys() == []
+    assert await stored_names(store) == before
+    assert (await store.tally("key", key.id, PERIODS.day)).requests == 0
+    assert (await store.reserve(hold(key))).refusal is Refusal.UNKNOWN_KEY
+    assert not await store.forget_key(key.id, PERIODS)
+    # Seen again, it starts afresh.
+    await store.add_key(key)
+    assert (await store.reserve(hold(key))).ok
+
+
+async def test_forget_key_keeps_a_key_with_money_on_it(store: Store) -> None:
+    key = new_key(concurrency=2)
+    await store.add_key(key)
+    held = hold(key)
+    assert (await store.reserve(held)).ok
+    assert not await store.forget_key(key.id, PERIODS, [held.hold_id])
+    await store.settle(held.hold_id, PRICE, PRICE)
+    assert not await store.forget_key(key.id, PERIODS, [held.hold_id])
+    assert await store.key_by_hash(key.key_hash) == key
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.spent, tally.uncertain, tally.requests) == (PRICE, PRICE, 1)
+    assert (await store.reserve(hold(key))).ok
+
+
+async def test_forget_key_keeps_revoked_and_team_keys(store: Store) -> None:
+    revoked, in_team = new_key(), new_key(team="design")
+    for key in (revoked, in_team):
+        await store.add_key(key)
+    await store.update_key(revoked.id, revoked=True)
+    for key in (revoked, in_team):
+        assert not await store.forget_key(key.id, PERIODS)
+        assert await store.key_by_hash(key.key_hash) is not None
+    assert (await store.reserve(hold(revoked))).refusal is Refusal.REVOKED
+    assert not await store.forget_key("key_missing", PERIODS)
 
 
 async def test_teams_roundtrip(store: Store) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy.upstream_errors import upstream_error
+from proxy.errors import Unauthorized
+from proxy.upstream_errors import key_refused, upstream_error
 
 SECRETS = ("upstream-secret", "https://api.apiyi.com/v1")
 
@@ -70,3 +71,39 @@ def test_messages_never_carry_secrets_or_addresses() -> None:
     m = mapped(400, body("see https://api.apiyi.com/v1/x with upstream-secret"), passthrough=True)
     assert "upstream-secret" not in m["body"]["message"]
     assert "apiyi.com" not in m["body"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("status", "raw"),
+    [
+        (401, body("Invalid token", "invalid_api_key")),
+        (401, body("token expired (request id: abc)")),
+        (401, body("bad", "some_code_of_its_own")),
+        (401, b"<html>no</html>"),
+        (403, body("key disabled", "invalid_api_key")),
+    ],
+)
+def test_a_refused_passthrough_key_has_one_fixed_code(status: int, raw: bytes) -> None:
+    error = upstream_error(status, raw, {}, passthrough=True, secrets=SECRETS)
+    assert key_refused(error)
+    assert (error.status, error.code) == (status, "invalid_api_key")
+    m = mapped(status, raw, passthrough=True)
+    assert m["headers"]["x-should-retry"] == "false"
+
+
+@pytest.mark.parametrize(
+    ("status", "raw", "passthrough"),
+    [
+        (403, body("user quota is not enough", "insufficient_user_quota"), True),
+        (403, body("this token may not use the model"), True),
+        (400, body("bad size", "invalid_size"), True),
+        (401, body("Invalid token", "invalid_api_key"), False),  # the proxy's own key
+    ],
+)
+def test_other_answers_do_not_refuse_the_key(status: int, raw: bytes, passthrough: bool) -> None:
+    error = upstream_error(status, raw, {}, passthrough=passthrough, secrets=SECRETS)
+    assert not key_refused(error)
+
+
+def test_the_proxys_own_401_is_not_an_upstream_refusal() -> None:
+    assert not key_refused(Unauthorized("Incorrect API key provided."))

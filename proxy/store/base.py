@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -263,6 +264,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
         """Change name, team, limits, models or revoked; None if there is no such key."""
+
+    @abc.abstractmethod
+    async def forget_key(self, key_id: str, periods: Periods, hold_ids: Sequence[str] = ()) -> bool:
+        """Remove a key that cost nothing, with what it made: its record and hash index,
+        its usage in ``periods`` (the caller names every period it can have used), its
+        rate and concurrency state and its resolved holds ``hold_ids``. All or nothing:
+        False while money is held or spent on it, and for a revoked key (the revocation
+        must outlive it) or a key of a team (the team's tallies count its requests)."""
 
     # teams -------------------------------------------------------------------
     @abc.abstractmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +22,7 @@ from .base import (
     IdemRecord,
     IdemState,
     KeyRecord,
+    Periods,
     Refusal,
     Reservation,
     Settlement,
@@ -106,6 +107,25 @@ class MemoryStore(Store):
         record = replace(record, **changes)
         self._keys[key_id] = record
         return record
+
+    async def forget_key(self, key_id: str, periods: Periods, hold_ids: Sequence[str] = ()) -> bool:
+        # Resolved holds are not kept here: ``hold_ids`` leave nothing to remove.
+        record = self._keys.get(key_id)
+        if record is None or record.revoked or record.team is not None:
+            return False
+        if any(hold.request.key_id == key_id for hold in self._holds.values()):
+            return False
+        usage = [("key", key_id, period) for period in (periods.day, periods.month)]
+        for name in usage:
+            counter = self._ledger.get(name)
+            if counter is not None and (counter.held or counter.spent):
+                return False
+        del self._keys[key_id]
+        self._by_hash.pop(record.key_hash, None)
+        for name in usage:
+            self._ledger.pop(name, None)
+        self._tat.pop(key_id, None)
+        return True
 
     # teams -------------------------------------------------------------------
     async def put_team(self, team: Team) -> None:

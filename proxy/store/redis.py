@@ -36,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -54,6 +54,7 @@ from .base import (
     IdemRecord,
     IdemState,
     KeyRecord,
+    Periods,
     Refusal,
     Reservation,
     Settlement,
@@ -160,6 +161,7 @@ class RedisStore(Store):
         self._renew = client.register_script(load_script("renew"))
         self._key_lookup = client.register_script(load_script("key_lookup"))
         self._seed_team = client.register_script(load_script("seed_team"))
+        self._forget_key = client.register_script(load_script("forget_key"))
         self._groups: dict[str, str] = {}
         self._noted: dict[str, float] = {}  # group -> when to note it active again
         self._noting: set[asyncio.Future[None]] = set()
@@ -262,6 +264,26 @@ class RedisStore(Store):
             if absent:
                 pipe.hdel(key, *absent)
             await pipe.execute()
+
+    async def forget_key(self, key_id: str, periods: Periods, hold_ids: Sequence[str] = ()) -> bool:
+        group = group_of(key_id, None)  # a key of a team is never forgotten
+        base = self._base(group)
+        holds = [h for h in hold_ids if hold_group(h) == group]
+        args = [base, key_id, periods.day, periods.month, *holds]
+        key_hash = await self._run(self._forget_key, [base + "key:" + key_id], args)
+        if not key_hash:
+            return False
+        # The indexes outside the group's slot go once the record is gone: a lookup in
+        # between finds an index pointing at nothing, as for an unknown key.
+        await self._unindex(key_id, key_hash, group)
+        return True
+
+    @_translated
+    async def _unindex(self, key_id: str, key_hash: str, group: str) -> None:
+        self._groups.pop(key_id, None)
+        await self.r.delete(f"{self.p}:keyhash:{key_hash}")
+        await self.r.hdel(f"{self.p}:keygroups", key_id)
+        await self.r.srem(f"{self.p}:groups", group)  # the key was its group's only member
 
     # teams -------------------------------------------------------------------
     @_translated
@@ -509,6 +531,7 @@ class RedisStore(Store):
             self._renew,
             self._key_lookup,
             self._seed_team,
+            self._forget_key,
         )
         for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
