@@ -208,8 +208,7 @@ class Ledger:
         self._metrics.holds_outstanding.inc()
         hold = Hold(self, request, team, store)
         hold.claimed = reservation.claimed
-        if store is self.store:
-            self._open[hold.id] = hold
+        self._open[hold.id] = hold
         return hold
 
     async def resolve(self, hold: Hold, spent: int, uncertain: int) -> None:
@@ -317,12 +316,16 @@ class Ledger:
         """One renewal of every open hold this process may still renew, and a note
         that their groups are active, so that any replica's sweep finds them."""
         now = time.monotonic()
-        live = [h.id for h in self._open.values() if now - h.started < self.max_call_seconds]
-        if not live:
+        live = [h for h in self._open.values() if now - h.started < self.max_call_seconds]
+        if self._fallback is not None:  # holds taken while the store was away live there
+            local = [h.id for h in live if h.store is self._fallback]
+            await self._fallback.renew_holds(local, self.lease)
+        shared = [h.id for h in live if h.store is self.store]
+        if not shared:
             return
-        groups = sorted({hold_group(hold_id) for hold_id in live})
+        groups = sorted({hold_group(hold_id) for hold_id in shared})
         await self.call("renew", lambda: self.store.mark_active(groups))
-        await self.call("renew", lambda: self.store.renew_holds(live, self.lease))
+        await self.call("renew", lambda: self.store.renew_holds(shared, self.lease))
 
     async def _sweep_forever(self) -> None:
         sweeps = 0

@@ -21,6 +21,7 @@ from proxy.store import (
     MemoryStore,
     Periods,
     Refusal,
+    Settlement,
     Store,
     Team,
     group_of,
@@ -447,5 +448,99 @@ async def test_legacy_records_read_zero_as_no_limit(redis_for_store: RedisServer
         await store.update_key(key.id, name="renamed")
         assert await store.r.hget(record, "format") == "2"
         assert (await store.key(key.id)).limits == Limits()  # type: ignore[union-attr]
+    finally:
+        await store.close()
+
+
+# leases, lost holds and consumed records ---------------------------------------------
+
+
+async def test_renewed_holds_outlive_their_lease_and_lapse_once_not_renewed(
+    store: Store,
+) -> None:
+    key = new_key(concurrency=1)
+    await store.add_key(key)
+    leased = hold(key, ttl=0.4)
+    assert (await store.reserve(leased)).ok
+    for _ in range(4):  # 0.8 s in all, twice the lease
+        await asyncio.sleep(0.2)
+        assert await store.renew_holds([leased.hold_id], 0.4) == 1
+        assert await store.expire_holds() == 0
+    assert (await store.reserve(hold(key))).refusal is Refusal.CONCURRENCY
+    await asyncio.sleep(0.6)  # its replica stopped renewing
+    fresh = hold(key)
+    assert (await store.reserve(fresh)).ok  # the lapsed hold no longer blocks the key
+    assert await store.renew_holds([leased.hold_id, "gone@k:x"], 0.4) == 0
+    tally = await store.tally("key", key.id, PERIODS.day)
+    assert (tally.held, tally.spent, tally.uncertain) == (PRICE, PRICE, PRICE)
+
+
+async def test_a_claim_that_lived_with_a_lapsed_hold_ends_uncertain(store: Store) -> None:
+    key = new_key()
+    await store.add_key(key)
+    scope = f"ik{next(_counter)}@{group_of(key.id, None)}"
+    claim = ClaimRequest(scope, "fp", 10.0, "o1", keep_seconds=10.0)
+    leased = replace(hold(key, ttl=0.3), claim=claim)
+    assert (await store.reserve(leased)).claimed
+    assert (await store.idem_begin(claim.scope, "fp", 10.0, join_only=True)).state is (
+        IdemState.IN_FLIGHT
+    )
+    await asyncio.sleep(0.5)
+    assert await store.expire_holds() == 1
+    record = await store.idem_begin(claim.scope, "fp", 10.0, join_only=True)
+    assert (record.state, record.status) == (IdemState.DONE, 504)
+
+
+async def test_a_settle_whose_hold_is_gone_books_the_spend_once(store: Store) -> None:
+    key = new_key(team="design")
+    await store.add_key(key)
+    lost = hold(key)  # never reserved here: the store that had it lost its data
+    done = await store.settle(lost.hold_id, PRICE, 0, request=lost)
+    assert done is Settlement.BOOKED_WITHOUT_HOLD
+    again = await store.settle(lost.hold_id, PRICE, 0, request=lost)
+    assert again is Settlement.NOTHING
+    for scope, name in (("key", key.id), ("team", "design")):
+        for period in (PERIODS.day, PERIODS.month):
+            tally = await store.tally(scope, name, period)
+            assert (tally.held, tally.spent, tally.uncertain, tally.requests) == (0, PRICE, 0, 1)
+    # A release of a hold never seen books nothing and keeps a late reserve out.
+    released = hold(key)
+    assert await store.settle(released.hold_id, 0, 0, request=released) is Settlement.NOTHING
+    assert (await store.reserve(released)).refusal is Refusal.CANCELLED
+
+
+async def test_a_consumed_record_is_forgotten_only_for_its_own_answer(store: Store) -> None:
+    scope = f"rj{next(_counter)}@k:x"
+    assert (await store.idem_begin(scope, "fp", 10.0, owner="o")).state is IdemState.NEW
+    await store.idem_finish(scope, IdemRecord(IdemState.DONE, 200, "result-1"), 10.0)
+    await store.idem_consume(scope, "result-2")
+    assert (await store.idem_begin(scope, "fp", 10.0, join_only=True)).result_id == "result-1"
+    await store.idem_consume(scope, "result-1")
+    assert (await store.idem_begin(scope, "fp", 10.0, join_only=True)).state is IdemState.NEW
+
+
+async def test_the_sweep_visits_only_groups_with_holds(redis_for_store: RedisServer) -> None:
+    store = RedisStore.from_settings(
+        StoreSettings(url=redis_for_store.url, key_prefix=f"t{next(_counter)}")
+    )
+    try:
+        idle = [new_key() for _ in range(50)]
+        for key in idle:
+            await store.add_key(key)
+        busy = new_key()
+        await store.add_key(busy)
+        assert (await store.reserve(hold(busy))).ok
+        await asyncio.sleep(0.05)  # the group's note lands off the request path
+        swept: list[str] = []
+        original = store._run
+
+        async def counting(script: object, keys: list[str], args: list[object]) -> object:
+            swept.append(keys[0])
+            return await original(script, keys, args)
+
+        store._run = counting  # type: ignore[method-assign]
+        await store.expire_holds()
+        assert swept == [store._base(group_of(busy.id, None)) + "holds"]
+        assert await store.holds_outstanding() == 1
     finally:
         await store.close()

@@ -284,6 +284,10 @@ class RedisStore(Store):
         await self.r.delete(f"{self.p}:keyhash:{key_hash}")
         await self.r.hdel(f"{self.p}:keygroups", key_id)
         await self.r.srem(f"{self.p}:groups", group)  # the key was its group's only member
+        # Its group has no hold left to sweep; a note on its way lands first.
+        await asyncio.gather(*self._noting, return_exceptions=True)
+        self._noted.pop(group, None)
+        await self.r.zrem(f"{self.p}:activegroups", group)
 
     # teams -------------------------------------------------------------------
     @_translated
