@@ -200,3 +200,39 @@ def test_store_restarted_empty_still_books_what_was_billed(
         assert proxy.output().count("settle found no hold") == 15
     finally:
         server.stop()
+
+
+# item: dedupe across replicas by default ------------------------------------------------
+
+
+def test_sdk_retry_on_another_replica_replays_instead_of_paying_again(
+    redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    # No results_url: replay bodies live beside the shared ledger.
+    a, b = (proxy_process(replica_env(redis_server.url, upstream)) for _ in range(2))
+    key, _ = create_key(a)
+    body = {"prompt": "[fake:latency=1.5] one picture", "response_format": "url"}
+    headers = {"authorization": f"Bearer {key}"}
+    # The first attempt's client gives up before the answer (as the SDK does on its
+    # timeout) and the retry reaches the other replica once the first has finished.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            a.url + GENERATIONS,
+            json=body,
+            headers={**headers, "x-stainless-retry-count": "0"},
+            timeout=0.5,
+        )
+    deadline = time.monotonic() + 10
+    while usage(a, key)["held_usd"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    retry = httpx.post(
+        b.url + GENERATIONS,
+        json=body,
+        headers={**headers, "x-stainless-retry-count": "1"},
+        timeout=30,
+    )
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["x-proxy-replay"] == "sdk_retry"
+    assert billing(upstream)["images_billed"] == 1
+    assert usage(b, key)["spent_usd"] == pytest.approx(0.03)
