@@ -170,7 +170,7 @@ class RedisResults(ResultStore):
     """
 
     def __init__(self, settings: StoreSettings) -> None:
-        from .store.redis import connect, load_script
+        from .store.redis_client import connect, load_script
 
         self._client: Any = connect(settings.replay_url, settings, decode=False)
         self._base = f"{settings.key_prefix}:{{res}}:"

@@ -34,17 +34,11 @@ else, and clusters and sentinels, use redis-py.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-from collections.abc import Callable, Coroutine, Sequence
-from importlib import resources
-from typing import Any, ParamSpec, TypeVar
-from urllib.parse import urlsplit
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from ..config import StoreSettings
@@ -65,10 +59,10 @@ from .base import (
     group_of,
     hold_group,
 )
+from .redis_client import connect, load_script, translated
+from .redis_records import key_fields, key_record, team_fields, team_record
 from .resp import MultiplexedConnection
 
-P = ParamSpec("P")
-T = TypeVar("T")
 EXPIRE_BATCH = 200
 # A group noted active is swept for this long after it was last noted; its replica
 # notes it again every third of a lease while it holds money there.
@@ -77,66 +71,6 @@ ACTIVE_WINDOW_MS = 10 * 60 * 1000
 # and its replica notes the group again at every renewal anyway.
 NOTE_AGAIN_SECONDS = 60.0
 NOTED_MOST = 100_000
-# Marks a key or team record whose 0 allows nothing (the scripts know it too).
-RECORD_FORMAT = "2"
-
-
-def _translated(
-    method: Callable[P, Coroutine[Any, Any, T]],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Redis and socket errors leave the store only as ``StoreError``."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        store = args[0]
-        assert isinstance(store, RedisStore)
-        try:
-            # The cluster client refuses, rather than waits, past its connection cap:
-            # queue here instead so a burst waits its turn within the store timeout.
-            async with store.slots:
-                return await method(*args, **kwargs)
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"{type(exc).__name__}: {exc}") from exc
-
-    return wrapper
-
-
-def load_script(name: str) -> str:
-    lua = resources.files("proxy") / "lua"
-    return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-
-
-def connect(url: str, settings: StoreSettings, *, decode: bool = True) -> Any:
-    """A redis-py asyncio client for any of the supported URL schemes."""
-    timeout = settings.timeout_seconds
-    common: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "decode_responses": decode,
-        "health_check_interval": 30,
-    }
-    parts = urlsplit(url)
-    scheme = parts.scheme
-    if scheme == "redis+cluster":
-        return RedisCluster.from_url(
-            url.replace("redis+cluster://", "redis://", 1),
-            max_connections=settings.max_connections,
-            **common,
-        )
-    if scheme == "redis+sentinel":
-        hosts = [
-            (h.rpartition(":")[0] or h, int(h.rpartition(":")[2] or 26379))
-            for h in parts.netloc.rpartition("@")[2].split(",")
-        ]
-        service = parts.path.strip("/").split("/")[0] or "mymaster"
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs={"socket_timeout": timeout}, **common
-        )
-        return sentinel.master_for(service, password=parts.password)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.max_connections, timeout=timeout, **common
-    )
-    return aioredis.Redis.from_pool(pool)
 
 
 class RedisStore(Store):
@@ -192,11 +126,11 @@ class RedisStore(Store):
         return f"{self.p}:{{{group}}}:"
 
     # keys --------------------------------------------------------------------
-    @_translated
+    @translated
     async def add_key(self, record: KeyRecord) -> None:
         group = group_of(record.id, record.team)
         base = self._base(group)
-        await self._write_record(base + "key:" + record.id, _key_fields(record))
+        await self._write_record(base + "key:" + record.id, key_fields(record))
         await self.r.hset(f"{self.p}:keygroups", record.id, group)
         await self.r.sadd(f"{self.p}:groups", group)
         await self.r.set(f"{self.p}:keyhash:{record.key_hash}", f"{group}|{record.id}")
@@ -205,16 +139,16 @@ class RedisStore(Store):
     async def key_by_hash(self, key_hash: str) -> KeyRecord | None:
         if self._scripts is not None:  # one round trip on the scripts' connection
             flat = await self._run(self._key_lookup, [f"{self.p}:keyhash:{key_hash}"], [self.p])
-            return _key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+            return key_record(dict(zip(flat[::2], flat[1::2], strict=True)))
         return await self._key_by_hash(key_hash)
 
-    @_translated
+    @translated
     async def _key_by_hash(self, key_hash: str) -> KeyRecord | None:
         ref = await self.r.get(f"{self.p}:keyhash:{key_hash}")
         if not ref:
             return None
         group, _, key_id = ref.partition("|")
-        return _key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
+        return key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
 
     async def _group(self, key_id: str) -> str | None:
         group = self._groups.get(key_id)
@@ -224,7 +158,7 @@ class RedisStore(Store):
                 self._groups[key_id] = group
         return group
 
-    @_translated
+    @translated
     async def key(self, key_id: str) -> KeyRecord | None:
         return await self._read_key(key_id)
 
@@ -232,19 +166,19 @@ class RedisStore(Store):
         group = await self._group(key_id)
         if group is None:
             return None
-        return _key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
+        return key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
 
-    @_translated
+    @translated
     async def keys(self) -> list[KeyRecord]:
         groups: dict[str, str] = await self.r.hgetall(f"{self.p}:keygroups")
         records = []
         for key_id, group in groups.items():
-            record = _key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
+            record = key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
             if record is not None:
                 records.append(record)
         return sorted(records, key=lambda k: (k.created, k.id))
 
-    @_translated
+    @translated
     async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
         current = await self._read_key(key_id)
         if current is None:
@@ -253,7 +187,7 @@ class RedisStore(Store):
             raise ValueError("a key's team is fixed at creation")
         updated = current.with_changes(**changes)
         group = group_of(key_id, current.team)
-        await self._write_record(self._base(group) + "key:" + key_id, _key_fields(updated))
+        await self._write_record(self._base(group) + "key:" + key_id, key_fields(updated))
         return updated
 
     async def _write_record(self, key: str, fields: dict[str, Any]) -> None:
@@ -278,7 +212,7 @@ class RedisStore(Store):
         await self._unindex(key_id, key_hash, group)
         return True
 
-    @_translated
+    @translated
     async def _unindex(self, key_id: str, key_hash: str, group: str) -> None:
         self._groups.pop(key_id, None)
         await self.r.delete(f"{self.p}:keyhash:{key_hash}")
@@ -290,38 +224,35 @@ class RedisStore(Store):
         await self.r.zrem(f"{self.p}:activegroups", group)
 
     # teams -------------------------------------------------------------------
-    @_translated
+    @translated
     async def put_team(self, team: Team) -> None:
         group = group_of("", team.name)
-        await self._write_record(self._base(group) + "team", _team_fields(team))
+        await self._write_record(self._base(group) + "team", team_fields(team))
         await self.r.sadd(f"{self.p}:teams", team.name)
         await self.r.sadd(f"{self.p}:groups", group)
 
     async def seed_team(self, team: Team) -> bool:
         group = group_of("", team.name)
-        present = {k: v for k, v in _team_fields(team).items() if v is not None}
+        present = {k: v for k, v in team_fields(team).items() if v is not None}
         flat = [item for pair in present.items() for item in pair]
         created = await self._run(self._seed_team, [self._base(group) + "team"], flat)
         # Listed whatever the answer: a seed that died between the two steps is completed.
         await self._list_team(team.name)
         return bool(created)
 
-    @_translated
+    @translated
     async def _list_team(self, name: str) -> None:
         await self.r.sadd(f"{self.p}:teams", name)
         await self.r.sadd(f"{self.p}:groups", group_of("", name))
 
-    @_translated
+    @translated
     async def team(self, name: str) -> Team | None:
         return await self._read_team(name)
 
     async def _read_team(self, name: str) -> Team | None:
-        fields = await self.r.hgetall(self._base(group_of("", name)) + "team")
-        if not fields:
-            return None
-        return Team(name, Limits(_limit(fields, "daily"), _limit(fields, "monthly")))
+        return team_record(name, await self.r.hgetall(self._base(group_of("", name)) + "team"))
 
-    @_translated
+    @translated
     async def teams(self) -> list[Team]:
         names = sorted(await self.r.smembers(f"{self.p}:teams"))
         teams = [await self._read_team(n) for n in names]
@@ -397,7 +328,7 @@ class RedisStore(Store):
             renewed += int(await self._run(self._renew, [base + "holds"], [base, lease_ms, *ids]))
         return renewed
 
-    @_translated
+    @translated
     async def mark_active(self, groups: list[str]) -> None:
         if not groups:
             return
@@ -430,7 +361,7 @@ class RedisStore(Store):
             total += int(await self._run(self._expire, [base + "holds"], [base, EXPIRE_BATCH]))
         return total
 
-    @_translated
+    @translated
     async def _active_groups(self) -> list[str]:
         """Groups noted active lately; older notes are dropped (their holds, if any,
         were past their deadline and swept long before)."""
@@ -440,7 +371,7 @@ class RedisStore(Store):
         groups: list[str] = await self.r.zrange(active, 0, -1)
         return groups
 
-    @_translated
+    @translated
     async def tally(self, scope: str, name: str, period: str) -> Tally:
         if scope == "key":
             record = await self._read_key(name)
@@ -465,7 +396,7 @@ class RedisStore(Store):
             int(fields.get("requests", 0)),
         )
 
-    @_translated
+    @translated
     async def holds_outstanding(self) -> int:
         total = 0
         for group in await self._active_groups():
@@ -497,7 +428,7 @@ class RedisStore(Store):
         headers = tuple(tuple(h) for h in orjson.loads(answer[3] or "[]"))
         return IdemRecord(state, int(answer[1]), answer[2] or None, headers)
 
-    @_translated
+    @translated
     async def idem_finish(self, scope: str, record: IdemRecord, ttl_seconds: float) -> None:
         key = self._idem_key(scope)
         await self.r.hset(
@@ -523,7 +454,7 @@ class RedisStore(Store):
         )
 
     # life --------------------------------------------------------------------
-    @_translated
+    @translated
     async def open(self) -> None:
         scripts = (
             self._reserve,
@@ -541,7 +472,7 @@ class RedisStore(Store):
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
             await self.r.script_load(script.script)
 
-    @_translated
+    @translated
     async def ping(self) -> None:
         await self.r.ping()
 
@@ -556,62 +487,3 @@ class RedisStore(Store):
         manager = getattr(getattr(self.r, "connection_pool", None), "sentinel_manager", None)
         for sentinel in getattr(manager, "sentinels", ()):
             await sentinel.aclose()
-
-
-def _key_fields(record: KeyRecord) -> dict[str, Any]:
-    return {
-        "id": record.id,
-        "name": record.name,
-        "key_hash": record.key_hash,
-        "last4": record.last4,
-        "created": record.created,
-        "team": record.team or "",
-        "format": RECORD_FORMAT,
-        "daily": record.limits.daily_micros,
-        "monthly": record.limits.monthly_micros,
-        "rpm": record.limits.rpm,
-        "concurrency": record.limits.concurrency,
-        "models": ",".join(record.models),
-        "revoked": 1 if record.revoked else 0,
-    }
-
-
-def _team_fields(team: Team) -> dict[str, Any]:
-    return {
-        "format": RECORD_FORMAT,
-        "daily": team.limits.daily_micros,
-        "monthly": team.limits.monthly_micros,
-    }
-
-
-def _limit(fields: dict[str, str], name: str) -> int | None:
-    """A stored limit: absent is no limit; 0 is no limit too in a record written
-    before the format mark (as reserve.lua reads it)."""
-    value = fields.get(name, "")
-    if value == "":
-        return None
-    limit = int(value)
-    if limit == 0 and fields.get("format") != RECORD_FORMAT:
-        return None
-    return limit
-
-
-def _key_record(fields: dict[str, str]) -> KeyRecord | None:
-    if not fields:
-        return None
-    return KeyRecord(
-        id=fields["id"],
-        name=fields["name"],
-        key_hash=fields["key_hash"],
-        last4=fields["last4"],
-        created=int(fields["created"]),
-        team=fields.get("team") or None,
-        limits=Limits(
-            _limit(fields, "daily"),
-            _limit(fields, "monthly"),
-            _limit(fields, "rpm"),
-            _limit(fields, "concurrency"),
-        ),
-        models=tuple(m for m in fields.get("models", "").split(",") if m),
-        revoked=fields.get("revoked") == "1",
-    )
