@@ -8,6 +8,7 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:{g}:team                  hash   team budgets
     apiyi:{g}:u:<scope>:<name>:<p>  hash   held, spent, uncertain, requests per period
     apiyi:{g}:hold:<id>             hash   one hold: amount, periods, state, deadline
+                                           (leased, renewed), its linked claim
     apiyi:{g}:holds                 zset   open holds by deadline (expiry sweep)
     apiyi:{g}:active:<key id>       zset   a key's open holds (concurrency)
     apiyi:{g}:tat:<key id>          string GCRA theoretical arrival time (ms)
