@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -125,18 +126,21 @@ def _limit_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> No
         )
 
 
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?")
+
+
 def _limit_flag(rule: Callable[[object], int | None]) -> Callable[[str], object]:
     def parse(text: str) -> object:
         if text.strip().lower() == "none":
             return None
         value: object
+        # Plain ASCII decimals only: int() and float() also take other scripts' digits and "1_0".
+        if not _DECIMAL.fullmatch(text.strip()):
+            raise argparse.ArgumentTypeError("must be a number, or none for no limit")
         try:
             value = int(text)
         except ValueError:
-            try:
-                value = float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError("must be a number, or none for no limit") from None
+            value = float(text)
         try:
             rule(value)
         except LimitError as error:

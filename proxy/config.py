@@ -230,11 +230,23 @@ class Settings:
 
     def masked(self) -> dict[str, Any]:
         """The resolved settings as plain data with every secret masked."""
-        data = dataclasses.asdict(self)
+        data: dict[str, Any] = _plain(self)
         for section, name in SECRET_FIELDS:
             if data[section][name]:
                 data[section][name] = "***"
         return data
+
+
+def _plain(value: Any) -> Any:
+    """Settings as dicts, lists and scalars (read-only mappings included, which
+    ``dataclasses.asdict`` cannot copy)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 SECRET_FIELDS = (("upstream", "api_key"), ("auth", "admin_token"), ("auth", "key_pepper"))

@@ -43,6 +43,14 @@ def test_check_config_masks_secrets() -> None:
     assert "n: strip" in result.stdout
 
 
+def test_check_config_shows_config_teams(tmp_path: Any) -> None:
+    config = tmp_path / "proxy.yaml"
+    config.write_text("ledger:\n  teams:\n    design: {daily_usd: 0.09}\n    ops: {}\n")
+    result = cli("check-config", env={"APIYI_PROXY_CONFIG": str(config)})
+    assert result.returncode == 0, result.stderr
+    assert "design:\n      daily_usd: 0.09" in result.stdout
+
+
 def test_bad_config_exits_with_the_field_named() -> None:
     result = cli("check-config", env={"APIYI_PROXY_SERVER__PORT": "70000"})
     assert result.returncode == 2
@@ -145,6 +153,8 @@ def test_cli_update_to_zero_keeps_a_zero_budget(
         (("keys", "create", "--name", "b", "--team", "a|b"), "--team"),
         (("teams", "a|b", "--daily-usd", "1"), "name"),
         (("teams", "design", "--daily-usd", "0.0000001"), "--daily-usd"),
+        (("keys", "create", "--name", "b", "--rpm", "\u0665"), "--rpm"),  # an Arabic-Indic 5
+        (("keys", "create", "--name", "b", "--daily-usd", "1_0"), "--daily-usd"),
     ],
 )
 def test_cli_refuses_bad_limits_naming_the_flag(args: tuple[str, ...], flag: str) -> None:
