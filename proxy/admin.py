@@ -211,7 +211,7 @@ class Admin:
     async def own_usage(self, request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/usage"
         try:
-            caller = await self.auth.authenticate(request.headers, create=False)
+            caller = await self.auth.authenticate(request.headers)
             periods = self.ledger.periods()
             key = caller.key
             result: dict[str, Any] = {

@@ -62,9 +62,9 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
         self._fetches: dict[str, asyncio.Task[KeyRecord | None]] = {}
 
-    async def authenticate(self, headers: Mapping[str, str], *, create: bool = True) -> Caller:
-        """The caller, or 401. Without ``create`` an unseen passthrough key gets the record
-        it would have, unsaved: a read must not create ledger state."""
+    async def authenticate(self, headers: Mapping[str, str]) -> Caller:
+        """The caller, or 401. An unseen passthrough key gets the record it would have,
+        unsaved: only ``record`` saves it, once a paid call is about to be made."""
         token = bearer_token(headers)
         if token is None:
             raise Unauthorized(
@@ -78,7 +78,7 @@ class Authenticator:
                     "letters or digits."
                 )
             key_hash = self._hasher.hash(token)
-            metered = await self._passthrough_record(key_hash, token, create)
+            metered = await self._passthrough_record(key_hash, token)
             return Caller(metered, upstream_key=token)
         key_hash = self._hasher.hash(token)
         record = await self._lookup(key_hash)
@@ -122,6 +122,18 @@ class Authenticator:
     def forget(self, key_hash: str) -> None:
         self._cache.pop(key_hash, None)
 
+    async def record(self, caller: Caller) -> None:
+        """Save a passthrough key's ledger record once its request passed every check
+        and is about to hold money: a refused request leaves no state behind."""
+        if caller.upstream_key is None:
+            return
+        key = caller.key
+        cached = self._cache.get(key.key_hash)
+        if cached is not None and cached[1].id == key.id:
+            return  # saved already (or read from the store)
+        await self._ledger.call("key", lambda: self._ledger.store.add_key(key))
+        self._remember(key.key_hash, key, time.monotonic())
+
     async def forget_refused(self, caller: Caller, hold_id: str | None) -> None:
         """Drop the ledger record of a passthrough key the upstream refused, so that
         made-up keys leave nothing behind; ``hold_id`` is the refused call's hold.
@@ -141,12 +153,13 @@ class Authenticator:
         with contextlib.suppress(ProxyError):  # best effort: the answer is decided
             await self._ledger.call("key", lambda: store.forget_key(record.id, periods, holds))
 
-    async def _passthrough_record(self, key_hash: str, token: str, create: bool) -> KeyRecord:
-        """The ledger record metering an upstream key, made on first sight."""
+    async def _passthrough_record(self, key_hash: str, token: str) -> KeyRecord:
+        """The ledger record metering an upstream key: the stored one, or a new one
+        (saved by ``record``)."""
         record = await self._lookup(key_hash)
         if record is not None:
             return record
-        record = KeyRecord(
+        return KeyRecord(
             id="pt_" + key_hash[:16],
             name=f"passthrough …{token[-4:]}",
             key_hash=key_hash,
@@ -154,7 +167,3 @@ class Authenticator:
             created=int(time.time()),
             limits=self._default_limits,
         )
-        if create:
-            await self._ledger.call("key", lambda: self._ledger.store.add_key(record))
-            self._remember(key_hash, record, time.monotonic())
-        return record

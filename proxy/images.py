@@ -211,6 +211,7 @@ class ImagesEndpoint:
     ) -> None:
         decision = admitted.decision
         price = self._prices[decision.model]
+        await self.s.auth.record(admitted.caller)  # a passthrough key is metered from here
         hold = await self.s.ledger.hold(
             admitted.caller.key,
             decision.model,

@@ -536,6 +536,40 @@ def test_passthrough_random_tokens_leave_no_store_state(
     db.close()
 
 
+def test_passthrough_key_refused_by_the_policy_leaves_no_store_state(
+    logged_fake: tuple[FakeUpstream, HeaderLog, ThreadServer],
+    start_proxy: Callable[..., Proxy],
+    redis_server: RedisServer,
+) -> None:
+    """A made-up but key-shaped token with a request the proxy itself refuses reaches
+    neither the upstream nor the store: a record is made only for a call about to pay."""
+    _, log, server = logged_fake
+    proxy = start_proxy(server.url, store={"url": redis_server.url}, auth={"mode": "passthrough"})
+    db = redis.Redis.from_url(redis_server.url)
+    before = db.dbsize()
+    refused = [
+        {"prompt": "x", "size": "7x7"},
+        {"prompt": "x", "model": "no-such-model"},
+        {"prompt": "x", "n": 2},
+        {"size": "1280x1280"},
+        {"prompt": "x", "quality": "hd", "stream": True},
+    ]
+    with httpx.Client(timeout=30) as client:
+        for i, token in enumerate(random_tokens(200)):
+            if not re.fullmatch(r"sk-[A-Za-z0-9]{32,64}", token):
+                continue
+            response = client.post(
+                proxy.url + GENERATIONS,
+                json=refused[i % len(refused)],
+                headers={"authorization": f"Bearer {token}"},
+            )
+            assert response.status_code == 400, response.text
+    assert log.requests == []
+    assert billing(server) == {"images_billed": 0, "requests": []}
+    assert db.dbsize() == before
+    db.close()
+
+
 # store down ----------------------------------------------------------------------------
 
 
