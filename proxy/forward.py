@@ -4,6 +4,10 @@ The forwarding code only reports what happened to each upstream call (an
 ``Outcome``); ``money.charge`` decides what that costs, and the hold is settled
 with it exactly once. The last response byte is sent only after the ledger has the
 outcome, so a client's next call never races it.
+
+A call has one deadline (``upstream.total_timeout_seconds``) over the upstream call
+and the streaming of its answer to the client, so neither a trickling upstream nor a
+client that reads slowly keeps it alive past the time its hold is renewed for.
 """
 
 from __future__ import annotations
@@ -119,6 +123,7 @@ class Forwarder:
         self._metrics = metrics
         self._path = path
         self._strip = settings.policy.b64_prefix == "strip"
+        self._total = settings.upstream.total_timeout_seconds
         self._secrets = tuple(
             x for x in (settings.upstream.api_key, settings.upstream.base_url) if x
         )
@@ -166,11 +171,13 @@ class Forwarder:
     async def single(self, call: Call, send: Send) -> None:
         ex = call.exchange
         started = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self._total
         outcome = Outcome.CRASH
         try:
             try:
-                response = await self._post(call)
-            except TransportError as exc:
+                async with asyncio.timeout_at(deadline):
+                    response = await self._post(call)
+            except (TransportError, TimeoutError) as exc:
                 outcome = _sent_outcome(exc)
                 await self._settle(call, [outcome], 0)
                 raise _transport_error(outcome) from None
@@ -183,7 +190,7 @@ class Forwarder:
                     raw = await _read_error(response)
                     await self._settle(call, [outcome], 0)
                     raise self._error(call, response, raw)
-                outcome = await self._stream_one(call, response, send)
+                outcome = await self._stream_one(call, response, send, deadline)
             finally:
                 await response.close()
         finally:
@@ -191,18 +198,21 @@ class Forwarder:
             model = call.decision.model
             self._metrics.upstream_seconds.labels(model, outcome.value).observe(ex.upstream_seconds)
 
-    async def _stream_one(self, call: Call, response: UpstreamResponse, send: Send) -> Outcome:
+    async def _stream_one(
+        self, call: Call, response: UpstreamResponse, send: Send, deadline: float
+    ) -> Outcome:
         """Stream a 200 to the client; returns its outcome, or raises the error to send
         (the hold settled either way)."""
         responder = Responder(send, self._headers(call.exchange.adjusted), call.capture)
         rewriter = ImagesBodyRewriter(strip_prefix=self._strip, created=int(time.time()))
         try:
-            async for chunk in response.chunks():
-                out = rewriter.feed(chunk)
-                if out:
-                    await responder.body(out)
-            tail = rewriter.finish()
-        except (UpstreamBodyError, TransportError) as exc:
+            async with asyncio.timeout_at(deadline):
+                async for chunk in response.chunks():
+                    out = rewriter.feed(chunk)
+                    if out:
+                        await responder.body(out)
+                tail = rewriter.finish()
+        except (UpstreamBodyError, TransportError, TimeoutError) as exc:
             outcome = _broken_200(exc, rewriter.decided)
             await self._settle(call, [outcome], rewriter.images)
             if responder.started:
@@ -220,9 +230,16 @@ class Forwarder:
         """
         ex, n = call.exchange, call.decision.calls
         started = time.perf_counter()
-        results = await asyncio.gather(
-            *(self._post(call) for _ in range(n)), return_exceptions=True
-        )
+        deadline = asyncio.get_running_loop().time() + self._total
+        try:
+            async with asyncio.timeout_at(deadline):
+                results = await asyncio.gather(
+                    *(self._post(call) for _ in range(n)), return_exceptions=True
+                )
+        except TimeoutError:
+            ex.upstream_seconds = time.perf_counter() - started
+            await self._settle(call, [Outcome.TIMEOUT] * n, 0)
+            raise _transport_error(Outcome.TIMEOUT) from None
         ok: list[UpstreamResponse] = []
         errors: list[ProxyError] = []
         outcomes: list[Outcome] = []
@@ -248,18 +265,28 @@ class Forwarder:
         if len(ok) < n:
             ex.adjusted = "; ".join(x for x in (ex.adjusted, f"images={len(ok)}/{n}") if x)
         responder = Responder(send, self._headers(ex.adjusted), call.capture)
-        await responder.body(b'{"created":%d,"data":[' % int(time.time()))
         returned = 0
+        timed_out = False
         try:
-            for response in ok:
-                outcome, images = await self._stream_items(response, responder, returned > 0)
-                outcomes.append(outcome)
-                returned += images
+            async with asyncio.timeout_at(deadline):
+                await responder.body(b'{"created":%d,"data":[' % int(time.time()))
+                for response in ok:
+                    outcome, images = await self._stream_items(response, responder, returned > 0)
+                    outcomes.append(outcome)
+                    returned += images
+        except TimeoutError:
+            timed_out = True
         finally:
             ex.upstream_seconds = time.perf_counter() - started
-            # Answers not read (an exception above) came as 200s: their images were made.
+            for response in ok:
+                await response.close()
+            # Answers not read to the end came as 200s: their images were made.
             outcomes += [Outcome.CUT_BEFORE_IMAGE] * (n - len(outcomes))
             await self._settle(call, outcomes, returned)
+        if timed_out:
+            if responder.started:
+                return  # the client's stream just ends, cut short
+            raise _transport_error(Outcome.TIMEOUT)
         await responder.finish(b"]}")
 
     async def _stream_items(
@@ -286,8 +313,10 @@ class Forwarder:
 _ANSWERED_200 = frozenset({Outcome.IMAGE, Outcome.CUT_AFTER_IMAGE, Outcome.CUT_BEFORE_IMAGE})
 
 
-def _sent_outcome(exc: TransportError) -> Outcome:
-    """What a transport failure before any answer means for the call."""
+def _sent_outcome(exc: TransportError | TimeoutError) -> Outcome:
+    """What a transport failure (or the call's deadline) before any answer means."""
+    if isinstance(exc, TimeoutError):
+        return Outcome.TIMEOUT
     if not exc.maybe_billed:
         return Outcome.NOT_SENT
     return Outcome.TIMEOUT if exc.timeout else Outcome.LOST
@@ -309,18 +338,27 @@ def _transport_error(outcome: Outcome) -> ProxyError:
     )
 
 
-def _broken_200(exc: UpstreamBodyError | TransportError, images_began: bool) -> Outcome:
+def _broken_200(
+    exc: UpstreamBodyError | TransportError | TimeoutError, images_began: bool
+) -> Outcome:
     """What a 200 whose body did not arrive whole means for the call."""
     if isinstance(exc, UpstreamBodyError) and not images_began and exc.error is not None:
         return Outcome.ERROR_IN_200  # an error object: no image was made
     return Outcome.CUT_AFTER_IMAGE if images_began else Outcome.CUT_BEFORE_IMAGE
 
 
-def _broken_200_error(exc: UpstreamBodyError | TransportError, outcome: Outcome) -> ProxyError:
+def _broken_200_error(
+    exc: UpstreamBodyError | TransportError | TimeoutError, outcome: Outcome
+) -> ProxyError:
     if outcome is Outcome.ERROR_IN_200:
         assert isinstance(exc, UpstreamBodyError) and exc.error is not None
         detail = str(exc.error.get("message", ""))
         return UpstreamFailed(f"The upstream answered 200 without an image ({detail[:200]}).")
+    if isinstance(exc, TimeoutError) or (isinstance(exc, TransportError) and exc.timeout):
+        return UpstreamTimeout(
+            "The upstream's answer did not finish in time; it may have billed this call, "
+            "so it is not retried."
+        )
     if isinstance(exc, TransportError):
         return UpstreamFailed(
             "The upstream connection was lost while sending the image.",

@@ -214,23 +214,28 @@ class Ledger:
     async def resolve(self, hold: Hold, spent: int, uncertain: int) -> None:
         self._open.pop(hold.id, None)
         self._metrics.holds_outstanding.dec()
-        self._metrics.holds_resolved.labels(hold.outcome or "settled").inc()
         if spent:
             self._metrics.spend_usd.labels(hold.model, hold.team).inc(spent / 1e6)
         if uncertain:
             self._metrics.uncertain_usd.labels(hold.model, hold.team).inc(uncertain / 1e6)
         if hold.store is not self.store:
             await hold.store.settle(hold.id, spent, uncertain)
+            self._metrics.holds_resolved.labels(hold.outcome or "settled").inc()
             return
-        step = functools.partial(self._settle, hold.request, spent, uncertain)
+        outcome = hold.outcome or "settled"
+        step = functools.partial(self._settle, hold.request, spent, uncertain, outcome)
         try:
             await self.call("settle", step)
         except ProxyError:
             # The answer is already decided; the ledger must still learn it.
             self.write_later(hold.id, "settle", step, droppable=False)
 
-    async def _settle(self, request: HoldRequest, spent: int, uncertain: int) -> None:
+    async def _settle(self, request: HoldRequest, spent: int, uncertain: int, outcome: str) -> None:
         done = await self.store.settle(request.hold_id, spent, uncertain, request=request)
+        if done is not Settlement.NOTHING:
+            # Counted as the store took it: a hold that lapsed first was counted by the
+            # sweep that expired it.
+            self._metrics.holds_resolved.labels(outcome).inc()
         if done is Settlement.BOOKED_WITHOUT_HOLD:
             self._metrics.settles_without_hold.inc()
             log.warning(

@@ -9,15 +9,14 @@ says whether the upstream could have received (and so billed) the request:
   request was fully written: not billed;
 - timed out or lost the connection after the request was sent: maybe billed.
 
-Every call has a total deadline (``upstream.total_timeout_seconds``) over connecting,
-sending and reading the whole answer, so no call can outlive its hold however slowly
-the upstream trickles its bytes.
+The total deadline of a call (``upstream.total_timeout_seconds``) covers the client's
+side too, so the forwarding code keeps it (``forward.py``); here are the per-step
+timeouts of connecting and reading.
 """
 
 from __future__ import annotations
 
 import abc
-import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -142,7 +141,7 @@ class _AiohttpClient(UpstreamClient):
             read_bufsize=READ_CHUNK,
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(
-                total=s.total_timeout_seconds, connect=s.connect_timeout, sock_read=s.read_timeout
+                total=None, connect=s.connect_timeout, sock_read=s.read_timeout
             ),
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
@@ -180,9 +179,8 @@ class _AiohttpClient(UpstreamClient):
 
 
 class _HttpxResponse(UpstreamResponse):
-    def __init__(self, response: Any, deadline: float) -> None:
+    def __init__(self, response: Any) -> None:
         self._response = response
-        self._deadline = deadline
         self.status = response.status_code
         self.headers = {k.lower(): v for k, v in response.headers.items()}
 
@@ -190,10 +188,9 @@ class _HttpxResponse(UpstreamResponse):
         import httpx
 
         try:
-            async with asyncio.timeout_at(self._deadline):
-                async for chunk in self._response.aiter_bytes():
-                    yield chunk
-        except (httpx.TimeoutException, TimeoutError) as exc:
+            async for chunk in self._response.aiter_bytes():
+                yield chunk
+        except httpx.TimeoutException as exc:
             raise TransportError(
                 "upstream read timed out", maybe_billed=True, timeout=True
             ) from exc
@@ -232,18 +229,16 @@ class _HttpxClient(UpstreamClient):
         request = self._client.build_request(
             "POST", self.base_url + path, headers=dict(headers), content=data
         )
-        deadline = asyncio.get_running_loop().time() + self.settings.total_timeout_seconds
         try:
-            async with asyncio.timeout_at(deadline):
-                response = await self._client.send(request, stream=True)
+            response = await self._client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise TransportError("upstream unreachable", maybe_billed=False) from exc
-        except (httpx.TimeoutException, TimeoutError) as exc:
+        except httpx.TimeoutException as exc:
             raise TransportError("upstream timed out", maybe_billed=True, timeout=True) from exc
         except httpx.TransportError as exc:
             sent = isinstance(data, bytes) or data.done
             raise TransportError("upstream connection lost", maybe_billed=sent) from exc
-        return _HttpxResponse(response, deadline)
+        return _HttpxResponse(response)
 
     async def close(self) -> None:
         await self._client.aclose()
