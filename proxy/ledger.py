@@ -196,10 +196,7 @@ class Ledger:
             reservation = await store.reserve(request)
         if reservation.refusal is not None:
             self._metrics.rejections.labels(reservation.refusal.value).inc()
-            refused = _refusal_error(reservation.refusal, reservation.retry_after)
-            if 0 in (key.limits.rpm, key.limits.concurrency):
-                refused.should_retry = False  # a limit of 0 allows nothing, ever
-            raise refused
+            raise _refusal_error(reservation.refusal, reservation.retry_after)
         team = key.team or "none"
         if reservation.team_remaining:
             for period, remaining in reservation.team_remaining.items():
@@ -400,6 +397,12 @@ def _refusal_error(refusal: Refusal, retry_after: float | None) -> ProxyError:
         return BudgetExceeded(
             f"The {period} budget of this {scope} is spent; it renews at the next period.",
         )
+    if refusal is Refusal.ZERO_LIMIT:
+        error = RateLimited(
+            "This key's rpm or concurrency limit is 0: it may make no calls.", retry_after=60.0
+        )
+        error.should_retry = False  # waiting does not help
+        return error
     if refusal is Refusal.RPM:
         return RateLimited(
             "Rate limit reached for this key (requests per minute).", retry_after=retry_after or 1.0

@@ -162,6 +162,7 @@ def test_zero_daily_budget_refuses_every_paid_call(fake: Any, proxy: Proxy) -> N
         assert refused.status_code == 429, fields
         assert refused.json()["error"]["type"] == "rate_limit_error"
         assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert refused.headers["x-should-retry"] == "false"  # waiting cannot help
 
     # A $5 key cut to 0 stops; null lifts the limit again.
     five = proxy.admin("POST", "/admin/keys", json={"name": "five", "daily_usd": 5}).json()

@@ -379,8 +379,8 @@ async def test_zero_limits_allow_nothing_and_none_is_no_limit(store: Store) -> N
     for limits, refusal in (
         ({"daily_micros": 0}, Refusal.KEY_DAILY),
         ({"monthly_micros": 0}, Refusal.KEY_MONTHLY),
-        ({"rpm": 0}, Refusal.RPM),
-        ({"concurrency": 0}, Refusal.CONCURRENCY),
+        ({"rpm": 0}, Refusal.ZERO_LIMIT),
+        ({"concurrency": 0}, Refusal.ZERO_LIMIT),
     ):
         key = new_key(**limits)
         await store.add_key(key)

@@ -38,16 +38,16 @@ for _, l in ipairs(levels) do
 end
 
 local concurrency = stored_limit(key[7], key[8])
+local rpm = stored_limit(key[6], key[8])
+-- A concurrency or rpm of 0 allows no call at all, however long one waits.
+if concurrency == 0 or rpm == 0 then return { 'zero_limit' } end
 local active_key = base .. 'active:' .. key_id
 if concurrency and redis.call('ZCARD', active_key) >= concurrency then
   return { 'concurrency', 1000 }
 end
 
-local rpm = stored_limit(key[6], key[8])
 local tat_key = base .. 'tat:' .. key_id
 local new_tat = nil
--- An rpm of 0 allows no request; a retry helps only once someone raises it.
-if rpm == 0 then return { 'rpm', 60000 } end
 if rpm then
   local interval = 60000 / rpm
   local burst = 60000 - interval

@@ -126,6 +126,7 @@ class Refusal(enum.Enum):
     REVOKED = "revoked"
     RPM = "rpm"
     CONCURRENCY = "concurrency"
+    ZERO_LIMIT = "zero_limit"  # the key's rpm or concurrency is 0: no call at all
     KEY_DAILY = "budget_key_daily"
     KEY_MONTHLY = "budget_key_monthly"
     TEAM_DAILY = "budget_team_daily"

@@ -36,8 +36,6 @@ from .base import (
 # Nothing waits on anything outside this process here, so an hour is ample.
 FORGET_SECONDS = 3_600
 FORGET_MOST = 1_000_000
-# An rpm of 0 allows no request at all; a retry helps only once someone raises it.
-ZERO_RPM_RETRY_SECONDS = 60.0
 
 
 @dataclass
@@ -170,13 +168,13 @@ class MemoryStore(Store):
             c = self._ledger[(scope, name, period)]
             if limit is not None and c.held + c.spent + request.amount > limit:
                 return Reservation(refusal)
+        if 0 in (limits.concurrency, limits.rpm):
+            return Reservation(Refusal.ZERO_LIMIT)  # no call at all, however long one waits
         if limits.concurrency is not None:
             active = sum(1 for h in self._holds.values() if h.request.key_id == key.id)
             if active >= limits.concurrency:
                 return Reservation(Refusal.CONCURRENCY, retry_after=1.0)
         new_tat = None
-        if limits.rpm == 0:
-            return Reservation(Refusal.RPM, retry_after=ZERO_RPM_RETRY_SECONDS)
         if limits.rpm is not None:
             new_tat, wait = _gcra(self._tat.get(key.id, 0.0), now, limits.rpm)
             if wait > 0:
