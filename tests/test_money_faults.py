@@ -20,6 +20,7 @@ import redis
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 
 from .conftest import UPSTREAM_KEY, ProxyProcess, RedisServer, ThreadServer, billing
+from .test_forward import wait_for
 from .test_replicas import create_key, replica_env, usage
 
 GENERATIONS = "/v1/images/generations"
@@ -67,10 +68,7 @@ def test_sdk_retry_never_replays_a_delivered_picture(
                 timeout=30,
             )
         )
-        deadline = time.monotonic() + 10
-        while len(billing(upstream)["requests"]) < 3:  # the slow call holds its slot now
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_for(lambda: len(billing(upstream)["requests"]) >= 3)  # the slow call holds its slot
         third = sdk.images.with_raw_response.generate(prompt=prompt, response_format="url")
         slow.join(30)
     assert third.retries_taken >= 1
@@ -173,10 +171,7 @@ def test_store_restarted_empty_still_books_what_was_billed(
             )
             for _ in range(15)
         ]
-        deadline = time.monotonic() + 10
-        while billing(upstream)["images_billed"] < 15:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_for(lambda: billing(upstream)["images_billed"] >= 15)
         # Redis dies with every hold in it and comes back empty on the same port.
         server.process.kill()
         server.process.wait(10)
@@ -186,13 +181,9 @@ def test_store_restarted_empty_still_books_what_was_billed(
         assert all(r[0].status_code == 200 for _, r in calls)
         day = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
         client = redis.Redis(port=server.port, decode_responses=True)
-        deadline = time.monotonic() + 10
-        booked: dict[str, str] = {}
-        while time.monotonic() < deadline:
-            booked = client.hgetall(f"apiyi:{{k:{key_id}}}:u:key:{key_id}:{day}")
-            if int(booked.get("spent", 0)) >= 450_000:
-                break
-            time.sleep(0.1)
+        usage_key = f"apiyi:{{k:{key_id}}}:u:key:{key_id}:{day}"
+        wait_for(lambda: int(client.hget(usage_key, "spent") or 0) >= 450_000)
+        booked = client.hgetall(usage_key)
         client.close()
         assert billing(upstream)["images_billed"] == 15
         assert int(booked["spent"]) == 15 * 30_000  # the ledger equals what was billed
@@ -224,10 +215,7 @@ def test_sdk_retry_on_another_replica_replays_instead_of_paying_again(
             headers={**headers, "x-stainless-retry-count": "0"},
             timeout=0.5,
         )
-    deadline = time.monotonic() + 10
-    while usage(a, key)["held_usd"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_for(lambda: usage(a, key)["held_usd"] == 0)
     retry = httpx.post(
         b.url + GENERATIONS,
         json=body,
