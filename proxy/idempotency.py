@@ -102,19 +102,16 @@ class Idempotency:
     ) -> Claim | Replay | None:
         """Claim the request's scope, or find the earlier call to replay; None: neither."""
         idem_key = headers.get("idempotency-key")
-        retry = headers.get("x-stainless-retry-count")
-        if not idem_key and retry is None:
-            return None
-        group = group_of(key.id, key.team)
-        fingerprint = body_fingerprint()
         if idem_key:
             if len(idem_key) > 255:
                 raise IdempotencyMismatch("Idempotency-Key is longer than 255 characters.")
-            scope = _scope("ik", key.id, idem_key, group)
-            return await self._claim_or_join(scope, fingerprint, True, self._explicit_ttl)
-        if retry is None:
+            scope = _scope("ik", key.id, idem_key, group_of(key.id, key.team))
+            return await self._claim_or_join(scope, body_fingerprint(), True, self._explicit_ttl)
+        retry = headers.get("x-stainless-retry-count")
+        if retry is None:  # no SDK call either (see ``joins_until_delivered``)
             return None
-        scope = _scope("rj", key.id, fingerprint, group)
+        fingerprint = body_fingerprint()
+        scope = _scope("rj", key.id, fingerprint, group_of(key.id, key.team))
         if retry.strip() in ("", "0"):
             # A first attempt: claimed with its hold, so that a retry can join it.
             capture = Capture(self._result_limit)
@@ -235,6 +232,12 @@ class Idempotency:
     async def abandon(self, claim: Claim) -> None:
         claim.capture.discard()
         await self._ledger.call("idempotency", self._abandon_step(claim.scope, claim.owner))
+
+
+def joins_until_delivered(headers: Mapping[str, str]) -> bool:
+    """An SDK call without an Idempotency-Key: ``begin`` gives it a scope that its
+    retries join only while its answer has not reached its client."""
+    return not headers.get("idempotency-key") and "x-stainless-retry-count" in headers
 
 
 def result_unavailable() -> Conflict:

@@ -25,7 +25,14 @@ from .errors import ProxyError
 from .exchange import Exchange, exchange_of
 from .forward import Body, Call, Forwarder
 from .http import ClientGone, header_map, parse_json_object, read_body, send_error
-from .idempotency import Claim, Idempotency, Replay, fingerprint, result_unavailable
+from .idempotency import (
+    Claim,
+    Idempotency,
+    Replay,
+    fingerprint,
+    joins_until_delivered,
+    result_unavailable,
+)
 from .keys import KeyHasher
 from .ledger import Ledger
 from .metrics import Metrics
@@ -187,8 +194,7 @@ class ImagesEndpoint:
     ) -> None:
         idempotency = self.s.idempotency
         headers = admitted.headers
-        if "x-stainless-retry-count" in headers and not headers.get("idempotency-key"):
-            # An SDK call: its retries join it only if its answer does not reach it.
+        if joins_until_delivered(headers):
             dedupe.presence = Presence(receive)
             send = dedupe.presence.wrap(send)
         found = await idempotency.begin(headers, admitted.caller.key, admitted.fingerprint)

@@ -60,18 +60,7 @@ FLUSH_BATCH = 64  # queued steps written at once, pipelined
 class Hold:
     """Money reserved for one request; resolved exactly once."""
 
-    __slots__ = (
-        "_ledger",
-        "amount",
-        "claimed",
-        "id",
-        "model",
-        "outcome",
-        "request",
-        "started",
-        "store",
-        "team",
-    )
+    __slots__ = ("_ledger", "claimed", "outcome", "request", "started", "store", "team")
 
     def __init__(
         self, ledger: Ledger, request: HoldRequest, team: str, store: Store | None = None
@@ -79,19 +68,24 @@ class Hold:
         self._ledger = ledger
         self.store = store or ledger.store
         self.request = request
-        self.id = request.hold_id
-        self.amount = request.amount
-        self.model = request.model
-        self.team = team
+        self.team = team  # as the metrics name it ("none" for a key without one)
         self.started = time.monotonic()
         self.outcome: str | None = None
         self.claimed = False  # the idempotency claim asked for was taken with the hold
+
+    @property
+    def id(self) -> str:
+        return self.request.hold_id
+
+    @property
+    def amount(self) -> int:
+        return self.request.amount
 
     async def settle(self, charge: Charge) -> None:
         """Keep what ``charge`` says of the hold (never more than its amount)."""
         if self.outcome is None:
             self.outcome = charge.resolution.value
-            await self._ledger.resolve(self, charge.spent, charge.uncertain)
+            await self._ledger.resolve(self, charge)
 
 
 class Ledger:
@@ -208,18 +202,19 @@ class Ledger:
         self._open[hold.id] = hold
         return hold
 
-    async def resolve(self, hold: Hold, spent: int, uncertain: int) -> None:
+    async def resolve(self, hold: Hold, charge: Charge) -> None:
         self._open.pop(hold.id, None)
         self._metrics.holds_outstanding.dec()
+        spent, uncertain = charge.spent, charge.uncertain
+        model, outcome = hold.request.model, charge.resolution.value
         if spent:
-            self._metrics.spend_usd.labels(hold.model, hold.team).inc(spent / 1e6)
+            self._metrics.spend_usd.labels(model, hold.team).inc(spent / 1e6)
         if uncertain:
-            self._metrics.uncertain_usd.labels(hold.model, hold.team).inc(uncertain / 1e6)
+            self._metrics.uncertain_usd.labels(model, hold.team).inc(uncertain / 1e6)
         if hold.store is not self.store:
             await hold.store.settle(hold.id, spent, uncertain)
-            self._metrics.holds_resolved.labels(hold.outcome or "settled").inc()
+            self._metrics.holds_resolved.labels(outcome).inc()
             return
-        outcome = hold.outcome or "settled"
         step = functools.partial(self._settle, hold.request, spent, uncertain, outcome)
         try:
             await self.call("settle", step)
