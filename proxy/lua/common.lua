@@ -44,6 +44,12 @@ local function book(base, key_id, team, day, month, held, spent, uncertain, requ
   end
 end
 
+-- What a settle keeps of `amount`: spent in 0..amount, uncertain in 0..spent.
+local function clamp(spent, uncertain, amount)
+  spent = math.max(0, math.min(spent, amount))
+  return spent, math.max(0, math.min(uncertain, spent))
+end
+
 -- Move a hold's money from held to spent (uncertain marks the part that may or may
 -- not have been billed); the rest is refunded. Acts once per hold.
 local function resolve(base, hold_id, spent, uncertain, state)
@@ -53,10 +59,7 @@ local function resolve(base, hold_id, spent, uncertain, state)
     return 0
   end
   local amount = tonumber(h[4])
-  if spent > amount then spent = amount end
-  if spent < 0 then spent = 0 end
-  if uncertain > spent then uncertain = spent end
-  if uncertain < 0 then uncertain = 0 end
+  spent, uncertain = clamp(spent, uncertain, amount)
   book(base, h[2], h[3], h[5], h[6], amount, spent, uncertain, 0)
   redis.call('HSET', hold_key, 'state', state, 'spent', spent, 'uncertain', uncertain)
   redis.call('ZREM', base .. 'holds', hold_id)

@@ -9,10 +9,7 @@ local spent, uncertain = tonumber(ARGV[3]), tonumber(ARGV[4])
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local booked = 0
   if spent > 0 and ARGV[5] then
-    local amount = tonumber(ARGV[9])
-    if spent > amount then spent = amount end
-    if uncertain > spent then uncertain = spent end
-    if uncertain < 0 then uncertain = 0 end
+    spent, uncertain = clamp(spent, uncertain, tonumber(ARGV[9]))
     book(ARGV[1], ARGV[5], ARGV[6], ARGV[7], ARGV[8], 0, spent, uncertain, 1)
     booked = 2
   end

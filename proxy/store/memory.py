@@ -76,7 +76,7 @@ class MemoryStore(Store):
         self._holds: dict[str, _Hold] = {}
         # Holds resolved, or released before their reserve arrived: id -> forget-after,
         # in the order they were added (so the oldest are forgotten first).
-        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._ended: OrderedDict[str, float] = OrderedDict()
         self._tat: dict[str, float] = {}
         self._idem: dict[str, _Idem] = {}
         self._idem_gone: dict[tuple[str, str], float] = {}
@@ -145,7 +145,7 @@ class MemoryStore(Store):
     async def reserve(self, request: HoldRequest) -> Reservation:
         now = self._clock()
         self._expire(now)
-        if request.hold_id in self._cancelled or request.hold_id in self._holds:
+        if request.hold_id in self._ended or request.hold_id in self._holds:
             return Reservation(Refusal.CANCELLED)
         key = self._keys.get(request.key_id)
         if key is None:
@@ -207,21 +207,21 @@ class MemoryStore(Store):
     ) -> Settlement:
         now = self._clock()
         hold = self._holds.pop(hold_id, None)
-        if hold is None:
-            if hold_id in self._cancelled:
-                return Settlement.NOTHING
-            if request is not None and spent > 0:
-                # Never seen: book what was billed from the request itself.
-                spent = min(spent, request.amount)
-                self._book(request, 0, spent, min(max(uncertain, 0), spent), requests=1)
-                self._remember(hold_id, now + FORGET_SECONDS)
-                return Settlement.BOOKED_WITHOUT_HOLD
-            self._remember(hold_id, now + FORGET_SECONDS)
+        if hold is None and hold_id in self._ended:
             return Settlement.NOTHING
-        spent = min(max(spent, 0), hold.request.amount)
-        self._book(hold.request, hold.request.amount, spent, min(max(uncertain, 0), spent))
-        self._remember(hold_id, now + FORGET_SECONDS)
-        return Settlement.SETTLED
+        self._ended[hold_id] = now + FORGET_SECONDS
+        known = hold.request if hold is not None else request
+        if known is None:
+            return Settlement.NOTHING  # a release of a hold never seen: a tombstone only
+        spent, uncertain = _clamp(spent, uncertain, known.amount)
+        if hold is not None:
+            self._book(known, known.amount, spent, uncertain)
+            return Settlement.SETTLED
+        if not spent:
+            return Settlement.NOTHING
+        # Never seen: book what was billed from the request itself.
+        self._book(known, 0, spent, uncertain, requests=1)
+        return Settlement.BOOKED_WITHOUT_HOLD
 
     async def release(self, hold_id: str) -> bool:
         return bool(await self.settle(hold_id, 0))
@@ -250,21 +250,18 @@ class MemoryStore(Store):
     async def expire_holds(self) -> int:
         return self._expire(self._clock())
 
-    def _remember(self, hold_id: str, until: float) -> None:
-        self._cancelled[hold_id] = until
-
     def _expire(self, now: float) -> int:
-        while self._cancelled:
-            hold_id, until = next(iter(self._cancelled.items()))
-            if until > now and len(self._cancelled) <= FORGET_MOST:
+        while self._ended:
+            hold_id, until = next(iter(self._ended.items()))
+            if until > now and len(self._ended) <= FORGET_MOST:
                 break
-            del self._cancelled[hold_id]
+            del self._ended[hold_id]
         expired = [hid for hid, h in self._holds.items() if h.deadline <= now]
         for hold_id in expired:
             hold = self._holds.pop(hold_id)
             amount = hold.request.amount
             self._book(hold.request, amount, amount, amount)
-            self._remember(hold_id, now + FORGET_SECONDS)
+            self._ended[hold_id] = now + FORGET_SECONDS
             entry = self._linked_claim(hold, now)
             if hold.claim is not None and entry is not None and entry.record is IN_FLIGHT:
                 # Its call may have been billed: a duplicate must not run it again.
@@ -364,6 +361,12 @@ class MemoryStore(Store):
 
     async def ping(self) -> None:
         return None
+
+
+def _clamp(spent: int, uncertain: int, amount: int) -> tuple[int, int]:
+    """What a settle keeps of ``amount``: spent in 0..amount, uncertain in 0..spent."""
+    spent = min(max(spent, 0), amount)
+    return spent, min(max(uncertain, 0), spent)
 
 
 def _gcra(tat: float, now: float, rpm: int) -> tuple[float, float]:
