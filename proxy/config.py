@@ -437,25 +437,20 @@ def _validate(s: Settings) -> None:
     for name in ("connect_timeout", "read_timeout", "write_timeout", "total_timeout_seconds"):
         need(getattr(s.upstream, name) > 0, f"upstream.{name}", "must be > 0")
     need(s.upstream.max_connections >= 1, "upstream.max_connections", "must be >= 1")
-    scheme = s.store.url.partition("://")[0]
-    need(
-        scheme in STORE_SCHEMES,
-        "store.url",
-        "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
-    )
+    for where, url in (("store.url", s.store.url), ("store.results_url", s.store.replay_url)):
+        need(
+            url.partition("://")[0] in STORE_SCHEMES,
+            where,
+            "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
+        )
     need(s.store.timeout_seconds > 0, "store.timeout_seconds", "must be > 0")
     need(s.ledger.lease_seconds >= 1, "ledger.lease_seconds", "must be >= 1")
-    need(
-        s.store.replay_url.partition("://")[0] in STORE_SCHEMES,
-        "store.results_url",
-        "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
-    )
     need(s.store.results_max_bytes >= 0, "store.results_max_bytes", "must be >= 0")
     need(s.store.results_total_bytes >= 0, "store.results_total_bytes", "must be >= 0")
     need(1 <= s.server.port <= 65535, "server.port", "must be 1..65535")
     need(s.server.workers >= 1, "server.workers", "must be >= 1")
     need(
-        s.server.workers == 1 or scheme != "memory",
+        s.server.workers == 1 or s.store.shared,
         "server.workers",
         "several workers need a shared store (store.url redis://...); memory:// is per process",
     )
@@ -464,7 +459,7 @@ def _validate(s: Settings) -> None:
         "server.graceful_timeout_seconds",
         "must be >= 0",
     )
-    if scheme != "memory" and s.auth.mode == "keys":
+    if s.store.shared and s.auth.mode == "keys":
         need(
             bool(s.auth.key_pepper),
             "auth.key_pepper",
