@@ -13,8 +13,10 @@ the proxy untouched): ``[fake:latency=S]``, ``[fake:image-bytes=N]``, ``[fake:ti
 ``[fake:429]``, ``[fake:quota]``, ``[fake:moderation]``, ``[fake:error200]`` (a 200
 carrying an error), ``[fake:no-created]``, ``[fake:cut=N]`` (billed, a 200 whose body
 breaks off after N bytes), ``[fake:trickle=S]`` (billed, a 200 whose body comes one
-byte every S seconds, so no read ever times out). ``fail_rate`` injects the same faults at
-random. Its size table is its own copy, deliberately independent of the proxy's.
+byte every S seconds, so no read ever times out), ``[fake:code=N]`` (a 400 with the code
+``code_N``). ``fail_rate`` injects the same faults at random; ``echo_secrets`` puts the
+bearer and address it was reached with into every field of every error. Its size table
+is its own copy, deliberately independent of the proxy's.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import secrets
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -49,6 +51,7 @@ _DIRECTIVE = re.compile(r"\[fake:([a-z0-9-]+)(?:=([0-9.]+))?\]")
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 _COUNT = re.compile(r"[0-9]{1,5}")  # ASCII only: "²".isdigit(), but int("²") raises
 CHUNK = 64 * 1024
+Handler = Callable[[Request], Awaitable[Response]]
 
 
 def check_generation(body: object) -> str | None:
@@ -119,6 +122,7 @@ class FakeUpstream:
         self.latency = latency
         self.fail_rate = fail_rate
         self.image_bytes = image_bytes
+        self.echo_secrets = False
         self.random = random.Random(seed)
         self.requests: list[dict[str, Any]] = []
         self.images_billed = 0
@@ -162,6 +166,7 @@ def _error(
 
 
 def create_fake_app(fake: FakeUpstream) -> Starlette:
+    @_echoing(fake)
     async def generations(request: Request) -> Response:
         if (denied := _auth(fake, request)) is not None:
             return denied
@@ -171,6 +176,7 @@ def create_fake_app(fake: FakeUpstream) -> Starlette:
             return _error(400, "invalid JSON body", "invalid_request")
         return await _generate(fake, request, body, route="generations", images=[])
 
+    @_echoing(fake)
     async def edits(request: Request) -> Response:
         if (denied := _auth(fake, request)) is not None:
             return denied
@@ -209,7 +215,7 @@ def create_fake_app(fake: FakeUpstream) -> Starlette:
 
     async def configure(request: Request) -> Response:
         values = orjson.loads(await request.body() or b"{}")
-        for name in ("latency", "fail_rate", "image_bytes"):
+        for name in ("latency", "fail_rate", "image_bytes", "echo_secrets"):
             if name in values:
                 setattr(fake, name, values[name])
         return Response(b"{}", media_type="application/json")
@@ -224,6 +230,33 @@ def create_fake_app(fake: FakeUpstream) -> Starlette:
             Route("/_fake/config", configure, methods=["POST"]),
         ]
     )
+
+
+def _echoing(fake: FakeUpstream) -> Callable[[Handler], Handler]:
+    """With ``echo_secrets`` on, every field of every error carries the bearer and the
+    address the fake was reached with, as a careless upstream would leak them."""
+
+    def wrap(handler: Handler) -> Handler:
+        async def echoing(request: Request) -> Response:
+            response = await handler(request)
+            if not fake.echo_secrets or not bytes(response.body).startswith(b'{"error"'):
+                return response
+            netloc = request.url.netloc
+            leak = f"{request.headers.get('authorization', '')} {netloc} {request.base_url}"
+            error = orjson.loads(response.body)["error"]
+            error.update(
+                message=f"{error['message']} [{leak}]",
+                type=leak,
+                param=leak,
+                code=f"{error['code']}:{leak}",
+            )
+            response.body = orjson.dumps({"error": error})
+            response.headers["content-length"] = str(len(response.body))
+            return response
+
+        return echoing
+
+    return wrap
 
 
 def _auth(fake: FakeUpstream, request: Request) -> Response | None:
@@ -263,6 +296,9 @@ async def _generate(
         return _error(400, problem, code)
     prompt = body["prompt"]
     directives = {m[1]: m[2] for m in _DIRECTIVE.finditer(prompt)}
+    if "code" in directives:  # a 400 with a code of this number: codes without end
+        entry["outcome"] = "rejected"
+        return _error(400, "refused", f"code_{directives['code']}")
     fault = next((f for f in FAULTS if f in directives), None)
     if fault is None and fake.fail_rate and fake.random.random() < fake.fail_rate:
         fault = fake.random.choice(FAULTS)

@@ -30,7 +30,7 @@ from .policy import Decision
 from .results import Capture
 from .rewrite import ImagesBodyRewriter, UpstreamBodyError
 from .upstream import TransportError, UpstreamClient, UpstreamResponse
-from .upstream_errors import upstream_error
+from .upstream_errors import Scrubber, scrubber, upstream_error
 
 ERROR_BODY_LIMIT = 64 * 1024
 HOLD_BYTES = 64 * 1024
@@ -124,9 +124,7 @@ class Forwarder:
         self._path = path
         self._strip = settings.policy.b64_prefix == "strip"
         self._total = settings.upstream.total_timeout_seconds
-        self._secrets = tuple(
-            x for x in (settings.upstream.api_key, settings.upstream.base_url) if x
-        )
+        self._scrub = scrubber(settings)
 
     async def _post(self, call: Call) -> UpstreamResponse:
         content, content_headers = call.body()
@@ -144,8 +142,8 @@ class Forwarder:
             response.status,
             raw,
             dict(response.headers),
-            passthrough=call.caller.upstream_key is not None,
-            secrets=self._secrets,
+            scrub=self._scrub,
+            caller_key=call.caller.upstream_key,
         )
 
     def _headers(self, adjusted: str | None) -> list[tuple[bytes, bytes]]:
@@ -217,7 +215,7 @@ class Forwarder:
             await self._settle(call, [outcome], rewriter.images)
             if responder.started:
                 return outcome  # the client's stream just ends, cut short
-            raise _broken_200_error(exc, outcome) from None
+            raise _broken_200_error(exc, outcome, self._scrub, call.caller.upstream_key) from None
         await self._settle(call, [Outcome.IMAGE], rewriter.images)
         await responder.finish(tail)
         return Outcome.IMAGE
@@ -348,11 +346,14 @@ def _broken_200(
 
 
 def _broken_200_error(
-    exc: UpstreamBodyError | TransportError | TimeoutError, outcome: Outcome
+    exc: UpstreamBodyError | TransportError | TimeoutError,
+    outcome: Outcome,
+    scrub: Scrubber,
+    caller_key: str | None,
 ) -> ProxyError:
     if outcome is Outcome.ERROR_IN_200:
         assert isinstance(exc, UpstreamBodyError) and exc.error is not None
-        detail = str(exc.error.get("message", ""))
+        detail = scrub.text(exc.error.get("message"), (caller_key,))
         return UpstreamFailed(f"The upstream answered 200 without an image ({detail[:200]}).")
     if isinstance(exc, TimeoutError) or (isinstance(exc, TransportError) and exc.timeout):
         return UpstreamTimeout(

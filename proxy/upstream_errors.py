@@ -1,26 +1,145 @@
 """Translate the upstream's error answers into the proxy's (SPEC section 6).
 
-The upstream's message is kept (it helps the caller), but never its address or the
-proxy's upstream key; its error about the proxy's own key or account becomes a 502
-that names neither.
+The upstream's message is kept (it helps the caller), scrubbed of its address, the
+proxy's upstream key and anything shaped like a secret; its ``code`` and ``param`` pass
+only from fixed vocabularies and its ``type`` never (the proxy picks one from the
+status). Its error about the proxy's own key or account becomes a 502 that names
+neither.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import orjson
 
 from .errors import ProxyError, UpstreamFailed, UpstreamStatus
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 QUOTA_CODES = frozenset({"insufficient_user_quota", "insufficient_quota", "quota_exceeded"})
 # A passthrough caller's own key refused by the upstream (any 401; a 403 only with this
 # code, as a 403 is otherwise about quota or permissions of a real key) is answered
 # with this code whatever the upstream wrote, so the proxy can act on it (``key_refused``).
 KEY_REFUSED = "invalid_api_key"
+# The upstream's codes that reach the caller (and the access log and the rejection
+# metric); any other becomes ``UNKNOWN_CODE``. Upstream text is untrusted: a code is
+# a label, and a label from outside would be unbounded and could carry a secret.
+KNOWN_CODES = QUOTA_CODES | {
+    KEY_REFUSED,
+    "billing_hard_limit_reached",
+    "content_policy_violation",
+    "image_generation_user_error",
+    "invalid_image",
+    "invalid_image_format",
+    "invalid_request",
+    "invalid_size",
+    "invalid_value",
+    "missing_required_parameter",
+    "model_not_found",
+    "moderation_blocked",
+    "prompt_blocked",
+    "rate_limit_exceeded",
+    "sensitive_words_detected",
+    "unknown_parameter",
+    "unsupported_parameter",
+}
+UNKNOWN_CODE = "upstream_error"
+# The request fields an upstream error may point at as its ``param``.
+KNOWN_PARAMS = frozenset(
+    {"model", "prompt", "size", "response_format", "n", "image", "image[]", "mask", "user"}
+)
 DEFAULT_RETRY_AFTER = 5.0
-_URL = re.compile(r"https?://[^\s\"'<>]+")
+MESSAGE_LIMIT = 1000
+HIDDEN = "***"
+ADDRESS = "<upstream>"
+# What is scrubbed from upstream text besides the exact secrets the proxy knows: URLs,
+# host:port and IP addresses, bearer credentials, and anything shaped like a key or a
+# long random token.
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\"'<>]+", re.IGNORECASE)
+_BEARER = re.compile(r"\b(bearer|basic|token)(\s*[:=]?\s*)[^\s\"',;]+", re.IGNORECASE)
+_KEY_SHAPED = re.compile(r"\b(sk|pk|rk|key|tok)[-_][A-Za-z0-9_-]{6,}", re.IGNORECASE)
+_TOKEN = re.compile(r"[A-Za-z0-9+/_=-]{32,}")
+_IP_LIKE = re.compile(r"\[?[0-9a-f:.]*[:.][0-9a-f:.]+\]?(?::[0-9]{1,5})?", re.IGNORECASE)
+_HOST = re.compile(r"\b(?:[a-z0-9-]+\.)+[a-z][a-z0-9-]*(?::[0-9]{1,5})?\b", re.IGNORECASE)
+_HOST_TLDS = frozenset(
+    "com net org io cn ai dev app cloud internal local lan corp svc cluster localdomain".split()
+)
+
+
+def _address_or_text(match: re.Match[str]) -> str:
+    """An IP address (with or without a port) becomes ``ADDRESS``; times and versions stay."""
+    found = match[0].rstrip(":.")
+    rest = match[0][len(found) :]
+    bracketed = found.partition("]")[0].lstrip("[")
+    for value in (found, found.rpartition(":")[0], bracketed):
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            continue
+        return ADDRESS + rest
+    return match[0]
+
+
+def _host_or_text(match: re.Match[str]) -> str:
+    """A host name (two dots, a known top-level name, or a port) becomes ``ADDRESS``."""
+    name, _, port = match[0].partition(":")
+    if port or name.count(".") >= 2 or name.rpartition(".")[2].lower() in _HOST_TLDS:
+        return ADDRESS
+    return match[0]
+
+
+class Scrubber:
+    """Removes the upstream's key, its address and anything secret-shaped from text.
+
+    Built once per forwarder with what the proxy knows (the upstream key, its base URL
+    and host); a passthrough caller's own key is added per call.
+    """
+
+    def __init__(self, secrets: tuple[str | None, ...] = (), addresses: tuple[str, ...] = ()):
+        self._secrets = tuple(s for s in secrets if s)
+        self._addresses = tuple(a for a in addresses if a)
+
+    def text(self, value: object, extra: tuple[str | None, ...] = ()) -> str:
+        text = value if isinstance(value, str) else ""
+        # Before any truncation, so a secret cut in half is still found whole.
+        for secret in (*self._secrets, *(s for s in extra if s)):
+            text = text.replace(secret, HIDDEN)
+        text = _URL.sub(ADDRESS, text)
+        for address in self._addresses:
+            pattern = re.escape(address) + r"(?::[0-9]{1,5})?"
+            text = re.sub(pattern, ADDRESS, text, flags=re.IGNORECASE)
+        text = _BEARER.sub(lambda m: m[1] + m[2] + HIDDEN, text)
+        text = _KEY_SHAPED.sub(HIDDEN, text)
+        text = _TOKEN.sub(HIDDEN, text)
+        text = _IP_LIKE.sub(_address_or_text, text)
+        text = _HOST.sub(_host_or_text, text)
+        text = re.sub(r"\blocalhost(?::[0-9]{1,5})?\b", ADDRESS, text, flags=re.IGNORECASE)
+        return text[:MESSAGE_LIMIT]
+
+
+def scrubber(settings: Settings) -> Scrubber:
+    """The scrubber for one proxy: its upstream key, base URL and host are hidden."""
+    base = urlsplit(settings.upstream.base_url)
+    return Scrubber(
+        (settings.upstream.api_key, settings.upstream.base_url),
+        tuple(x for x in (base.netloc, base.hostname) if x),
+    )
+
+
+def known_code(value: object) -> str | None:
+    """The upstream's code if it is one the proxy passes on, else ``UNKNOWN_CODE``."""
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) and value in KNOWN_CODES else UNKNOWN_CODE
+
+
+def known_param(value: object) -> str | None:
+    return value if isinstance(value, str) and value in KNOWN_PARAMS else None
 
 
 def parse_error(body: bytes) -> dict[str, Any]:
@@ -33,15 +152,6 @@ def parse_error(body: bytes) -> dict[str, Any]:
         error: dict[str, Any] = value["error"]
         return error
     return {}
-
-
-def clean_message(message: object, secrets: tuple[str, ...]) -> str:
-    text = message if isinstance(message, str) else ""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = _URL.sub("<upstream>", text)
-    return text[:1000]
 
 
 def retry_after_of(headers: dict[str, str]) -> float | None:
@@ -60,14 +170,20 @@ def upstream_error(
     body: bytes,
     headers: dict[str, str],
     *,
-    passthrough: bool,
-    secrets: tuple[str, ...],
+    scrub: Scrubber,
+    caller_key: str | None = None,
 ) -> ProxyError:
-    """The error to answer for an upstream non-200 answer."""
+    """The error to answer for an upstream non-200 answer.
+
+    ``caller_key`` is a passthrough caller's own upstream key (None in keys mode).
+    Every field is rebuilt: the message scrubbed, the code and param only from the
+    proxy's vocabularies, the type chosen by the proxy from the status.
+    """
+    passthrough = caller_key is not None
     error = parse_error(body)
-    code = error.get("code") if isinstance(error.get("code"), str) else None
-    message = clean_message(error.get("message"), secrets) or f"Upstream answered {status}."
-    param = error.get("param") if isinstance(error.get("param"), str) and error["param"] else None
+    code = known_code(error.get("code"))
+    message = scrub.text(error.get("message"), (caller_key,)) or f"Upstream answered {status}."
+    param = known_param(error.get("param"))
     quota = code in QUOTA_CODES
     if not passthrough and (status in (401, 403) or quota):
         # About the proxy's own upstream key or account: the caller can do nothing.
@@ -87,7 +203,7 @@ def upstream_error(
             429,
             message,
             type_="rate_limit_error",
-            code=code or "rate_limit_exceeded",
+            code="rate_limit_exceeded",
             retry_after=retry_after_of(headers) or DEFAULT_RETRY_AFTER,
             should_retry=True,
         )

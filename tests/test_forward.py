@@ -210,7 +210,7 @@ def test_unreachable_upstream_is_502_and_released(start_proxy: Callable[..., Pro
         ("500", 502, "upstream_error", "upstream_error", "true"),
         ("error200", 502, "upstream_error", "upstream_error", "false"),
         ("quota", 502, "upstream_error", "upstream_quota_exhausted", "false"),
-        ("429", 429, "rate_limit_error", "rate_limit", "true"),
+        ("429", 429, "rate_limit_error", "rate_limit_exceeded", "true"),
     ],
 )
 def test_upstream_error_answer_is_mapped_and_released(
