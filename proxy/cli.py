@@ -69,8 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--image-bytes", type=int, default=0, help="pad images to this size")
     fake.set_defaults(run=_fake_upstream)
 
-    check = commands.add_parser("check-config", help="print the resolved config, secrets masked")
+    check = commands.add_parser(
+        "check-config",
+        help="validate as serve does, then print the resolved config, secrets masked",
+    )
     check.add_argument("--config")
+    check.add_argument(
+        "--fake-upstream",
+        action="store_true",
+        default=None,
+        help="check the settings of `serve --fake-upstream`",
+    )
     check.set_defaults(run=_check_config)
 
     keys = commands.add_parser("keys", help="manage client keys in the store")
@@ -186,7 +195,8 @@ def _fake_upstream(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings = _settings(args, fake_upstream=args.fake_upstream)
+    config_module.check_serving(settings)
     print(yaml.safe_dump(_plain(settings.masked()), sort_keys=False), end="")
     return 0
 

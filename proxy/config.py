@@ -255,6 +255,10 @@ SECRET_ENV = {
     "APIYI_PROXY_ADMIN_TOKEN": ("auth", "admin_token"),
     "APIYI_PROXY_KEY_PEPPER": ("auth", "key_pepper"),
 }
+# The proxy's own secrets (not the upstream's key, whose shape the provider decides)
+# must be at least this long: 32 characters of `openssl rand -hex 32` are 128 bits.
+MIN_SECRET_CHARS = 32
+PLACEHOLDER_MARKS = ("REPLACE_ME", "CHANGE_ME", "CHANGEME")
 
 
 def load(
@@ -412,6 +416,31 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported setting type {tp!r}")
 
 
+def check_serving(s: Settings) -> None:
+    """What ``serve`` needs beyond valid settings; ``check-config`` runs it too, so the
+    two refuse the same things."""
+    if s.auth.mode == "keys" and not s.upstream.api_key and not s.server.fake_upstream:
+        raise ConfigError(
+            "upstream.api_key: set APIYI_API_KEY (or try `apiyi-proxy serve --fake-upstream`)"
+        )
+
+
+def _check_secret(s: Settings, section: str, name: str) -> None:
+    value: str | None = getattr(getattr(s, section), name)
+    if not value:
+        return
+    variable = next(env for env, where in SECRET_ENV.items() if where == (section, name))
+    if any(mark in value.upper() for mark in PLACEHOLDER_MARKS):
+        raise ConfigError(
+            f"{section}.{name}: {variable} is still the example's placeholder; set a real secret"
+        )
+    if (section, name) != ("upstream", "api_key") and len(value) < MIN_SECRET_CHARS:
+        raise ConfigError(
+            f"{section}.{name}: {variable} must be at least {MIN_SECRET_CHARS} characters "
+            f"(it has {len(value)}); make one with `openssl rand -hex 32`"
+        )
+
+
 def _validate(s: Settings) -> None:
     def need(ok: bool, where: str, why: str) -> None:
         if not ok:
@@ -459,6 +488,8 @@ def _validate(s: Settings) -> None:
         "server.graceful_timeout_seconds",
         "must be >= 0",
     )
+    for section, name in SECRET_FIELDS:
+        _check_secret(s, section, name)
     if s.store.shared and s.auth.mode == "keys":
         need(
             bool(s.auth.key_pepper),

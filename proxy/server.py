@@ -66,12 +66,9 @@ def serve(settings: Settings, config_path: str | None = None) -> None:
             "cannot be replayed and gets a 409; leave store.results_url unset to keep "
             "them beside the ledger, or point it at a Redis"
         )
+    config_module.check_serving(settings)
     if settings.server.fake_upstream:
         settings = with_fake_upstream(settings)
-    elif settings.auth.mode == "keys" and not settings.upstream.api_key:
-        raise config_module.ConfigError(
-            "upstream.api_key: set APIYI_API_KEY (or try `apiyi-proxy serve --fake-upstream`)"
-        )
     if settings.server.workers > 1:
         _serve_workers(settings, config_path)
         return

@@ -32,13 +32,13 @@ def test_check_config_masks_secrets() -> None:
         "check-config",
         env={
             "APIYI_API_KEY": "upstream-very-secret",
-            "APIYI_PROXY_ADMIN_TOKEN": "admin-very-secret",
+            "APIYI_PROXY_ADMIN_TOKEN": "admin-very-secret-0123456789abcdef",
             "APIYI_PROXY_N_POLICY": "strip",
         },
     )
     assert result.returncode == 0, result.stderr
     assert "upstream-very-secret" not in result.stdout + result.stderr
-    assert "admin-very-secret" not in result.stdout + result.stderr
+    assert "admin-very-secret-0123456789abcdef" not in result.stdout + result.stderr
     assert "api_key: '***'" in result.stdout
     assert "n: strip" in result.stdout
 
@@ -46,7 +46,7 @@ def test_check_config_masks_secrets() -> None:
 def test_check_config_shows_config_teams(tmp_path: Any) -> None:
     config = tmp_path / "proxy.yaml"
     config.write_text("ledger:\n  teams:\n    design: {daily_usd: 0.09}\n    ops: {}\n")
-    result = cli("check-config", env={"APIYI_PROXY_CONFIG": str(config)})
+    result = cli("check-config", "--fake-upstream", env={"APIYI_PROXY_CONFIG": str(config)})
     assert result.returncode == 0, result.stderr
     assert "design:\n      daily_usd: 0.09" in result.stdout
 
@@ -64,7 +64,10 @@ def test_keys_need_a_shared_store() -> None:
 
 
 def test_keys_teams_and_usage_on_redis(redis_server: RedisServer) -> None:
-    env = {"APIYI_PROXY_STORE_URL": redis_server.url, "APIYI_PROXY_KEY_PEPPER": "pepper"}
+    env = {
+        "APIYI_PROXY_STORE_URL": redis_server.url,
+        "APIYI_PROXY_KEY_PEPPER": "pepper-for-tests-0123456789abcdef",
+    }
     created = cli(
         "keys",
         "create",
@@ -115,7 +118,10 @@ def test_keys_teams_and_usage_on_redis(redis_server: RedisServer) -> None:
 def test_cli_update_to_zero_keeps_a_zero_budget(
     redis_server: RedisServer, fake: Any, start_proxy: Callable[..., Proxy]
 ) -> None:
-    env = {"APIYI_PROXY_STORE_URL": redis_server.url, "APIYI_PROXY_KEY_PEPPER": "pepper"}
+    env = {
+        "APIYI_PROXY_STORE_URL": redis_server.url,
+        "APIYI_PROXY_KEY_PEPPER": "pepper-for-tests-0123456789abcdef",
+    }
     created = cli("keys", "create", "--name", "bot", "--daily-usd", "5", env=env)
     assert created.returncode == 0, created.stderr
     record: dict[str, Any] = json.loads(created.stdout)
@@ -128,7 +134,11 @@ def test_cli_update_to_zero_keeps_a_zero_budget(
     assert (other["daily_usd"], other["rpm"]) == (0.0, 60)
     assert json.loads(cli("keys", "list", env=env).stdout)[0]["daily_usd"] == 0.0
 
-    proxy = start_proxy(fake[1].url, store={"url": redis_server.url}, auth={"key_pepper": "pepper"})
+    proxy = start_proxy(
+        fake[1].url,
+        store={"url": redis_server.url},
+        auth={"key_pepper": "pepper-for-tests-0123456789abcdef"},
+    )
     auth = {"authorization": f"Bearer {record['key']}"}
     url = proxy.url + "/v1/images/generations"
     refused = httpx.post(url, json={"prompt": "x"}, headers=auth, timeout=30)
@@ -159,7 +169,35 @@ def test_cli_update_to_zero_keeps_a_zero_budget(
 )
 def test_cli_refuses_bad_limits_naming_the_flag(args: tuple[str, ...], flag: str) -> None:
     # Refused before any store is opened: the store URL here leads nowhere.
-    env = {"APIYI_PROXY_STORE_URL": "redis://127.0.0.1:1/0", "APIYI_PROXY_KEY_PEPPER": "p"}
+    env = {
+        "APIYI_PROXY_STORE_URL": "redis://127.0.0.1:1/0",
+        "APIYI_PROXY_KEY_PEPPER": "pepper-for-tests-0123456789abcdef",
+    }
     result = cli(*args, env=env)
     assert result.returncode == 2
     assert f"argument {flag}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"APIYI_API_KEY": "sk-up", "APIYI_PROXY_ADMIN_TOKEN": "REPLACE_ME_x" * 4}, "admin_token"),
+        ({"APIYI_API_KEY": "sk-up", "APIYI_PROXY_ADMIN_TOKEN": "a"}, "auth.admin_token"),
+        ({"APIYI_API_KEY": "sk-up", "APIYI_PROXY_KEY_PEPPER": "x"}, "auth.key_pepper"),
+        ({}, "upstream.api_key"),
+    ],
+)
+def test_check_config_refuses_what_serve_refuses(env: dict[str, str], field: str) -> None:
+    """check-config and serve run one validation: same refusal, same exit status."""
+    checked = cli("check-config", env=env)
+    served = cli("serve", "--port", "1", env=env)
+    for result in (checked, served):
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert field in result.stderr
+    assert checked.stderr == served.stderr
+
+
+def test_check_config_takes_the_fake_upstream_flag_as_serve_does() -> None:
+    result = cli("check-config", "--fake-upstream")
+    assert result.returncode == 0, result.stderr
+    assert "fake_upstream: true" in result.stdout

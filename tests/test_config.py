@@ -43,9 +43,9 @@ def test_fixed_environment_names() -> None:
         APIYI_PROXY_UPSTREAM_URL="http://127.0.0.1:9/v1",
         APIYI_API_KEY="upstream-key",
         APIYI_PROXY_STORE_URL="redis://127.0.0.1:1/0",
-        APIYI_PROXY_KEY_PEPPER="pepper",
+        APIYI_PROXY_KEY_PEPPER="pepper-for-tests-0123456789abcdef",
         APIYI_PROXY_AUTH_MODE="passthrough",
-        APIYI_PROXY_ADMIN_TOKEN="admin",
+        APIYI_PROXY_ADMIN_TOKEN="admin-token-0123456789abcdef01234",
         APIYI_PROXY_N_POLICY="fanout",
         APIYI_PROXY_SERVER__PORT="9001",
         APIYI_PROXY_LOG__ACCESS_LOG="false",
@@ -53,7 +53,9 @@ def test_fixed_environment_names() -> None:
     assert s.upstream.base_url == "http://127.0.0.1:9/v1"
     assert s.upstream.api_key == "upstream-key"
     assert s.store.url == "redis://127.0.0.1:1/0"
-    assert s.auth.mode == "passthrough" and s.auth.admin_token == "admin"
+    assert (
+        s.auth.mode == "passthrough" and s.auth.admin_token == "admin-token-0123456789abcdef01234"
+    )
     assert s.policy.n == "fanout"
     assert s.server.port == 9001
     assert s.log.access_log is False
@@ -101,7 +103,7 @@ def test_bad_config_names_the_field(
 
 
 def test_replay_bodies_live_beside_a_shared_ledger_unless_told_otherwise() -> None:
-    pepper = {"APIYI_PROXY_KEY_PEPPER": "pepper"}
+    pepper = {"APIYI_PROXY_KEY_PEPPER": "pepper-for-tests-0123456789abcdef"}
     alone = load()
     assert alone.store.replay_url == "memory://" and not alone.store.replays_local
     shared = load(APIYI_PROXY_STORE_URL="redis+cluster://r:7000", **pepper)
@@ -122,7 +124,9 @@ def test_replay_bodies_live_beside_a_shared_ledger_unless_told_otherwise() -> No
 
 
 def test_masked_hides_secrets() -> None:
-    s = load(APIYI_API_KEY="upstream-secret", APIYI_PROXY_ADMIN_TOKEN="admin-secret")
+    s = load(
+        APIYI_API_KEY="upstream-secret", APIYI_PROXY_ADMIN_TOKEN="admin-secret-0123456789abcdef0123"
+    )
     text = repr(s.masked()) + repr(s)
     assert "upstream-secret" not in text and "admin-secret" not in text
 
@@ -163,3 +167,65 @@ def test_config_limits_null_is_no_limit_and_zero_is_nothing(tmp_path: Path) -> N
         "open": Limits(),
     }
     assert load().ledger.default_limits() == Limits()  # the default: no limit
+
+
+# secrets: placeholders and short ones are refused, naming the field ---------------------
+
+EXAMPLE_ENV = ROOT / "deploy" / ".env.example"
+
+
+def example_env() -> dict[str, str]:
+    """deploy/.env.example as it ships, as `cp .env.example .env` would use it."""
+    pairs = (
+        line.split("=", 1)
+        for line in EXAMPLE_ENV.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    return {name: value for name, value in pairs if name.startswith("APIYI_")}
+
+
+def test_the_shipped_env_example_is_refused_until_edited() -> None:
+    env = example_env()
+    assert env, "deploy/.env.example lists no settings"
+    with pytest.raises(config.ConfigError) as info:
+        load(**env)
+    assert "REPLACE_ME" not in str(info.value)  # the field is named, the value is not
+    assert "placeholder" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "field"),
+    [
+        ("APIYI_PROXY_ADMIN_TOKEN", "REPLACE_ME_generate_with_openssl_rand_hex_32", "admin_token"),
+        ("APIYI_PROXY_KEY_PEPPER", "replace_me-" + "x" * 40, "key_pepper"),
+        ("APIYI_API_KEY", "REPLACE_ME_upstream_key", "upstream.api_key"),
+        ("APIYI_PROXY_ADMIN_TOKEN", "a", "auth.admin_token"),
+        ("APIYI_PROXY_ADMIN_TOKEN", "short-admin-token", "auth.admin_token"),
+        ("APIYI_PROXY_ADMIN_TOKEN", "x" * 31, "auth.admin_token"),
+        ("APIYI_PROXY_KEY_PEPPER", "x", "auth.key_pepper"),
+    ],
+)
+def test_placeholder_and_short_secrets_are_refused(variable: str, value: str, field: str) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        load(**{variable: value})
+    assert field in str(info.value)
+    if len(value) > 1:
+        assert value not in str(info.value)
+
+
+def test_secrets_of_32_characters_and_real_upstream_keys_are_taken() -> None:
+    s = load(
+        APIYI_PROXY_ADMIN_TOKEN="x" * 32,
+        APIYI_PROXY_KEY_PEPPER="y" * 64,
+        APIYI_API_KEY="sk-short",  # the provider decides its keys' shape
+    )
+    assert s.auth.admin_token == "x" * 32
+
+
+def test_serving_needs_the_upstream_key_unless_faked_or_passed_through() -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.check_serving(load())
+    assert "upstream.api_key" in str(info.value)
+    config.check_serving(load(APIYI_PROXY_SERVER__FAKE_UPSTREAM="true"))
+    config.check_serving(load(APIYI_PROXY_AUTH_MODE="passthrough"))
+    config.check_serving(load(APIYI_API_KEY="sk-upstream"))

@@ -324,6 +324,14 @@ def test_deployment_env_secrets_and_config_map_load(tmp_path: Path) -> None:
     path = tmp_path / file_name
     path.write_text(config_map["data"][file_name])
     alone = config.load(path=path, env={})
+    # As shipped, the Secret holds placeholders: the proxy refuses to start with them.
+    with pytest.raises(config.ConfigError, match="placeholder"):
+        config.load(path=path, env=env)
+    env.update(
+        APIYI_API_KEY="sk-" + "a" * 40,
+        APIYI_PROXY_ADMIN_TOKEN="b" * 64,
+        APIYI_PROXY_KEY_PEPPER="c" * 64,
+    )
     deployed = config.load(path=path, env=env)
     assert alone.server.host == "0.0.0.0"
     assert port_number(container, "http") == deployed.server.port

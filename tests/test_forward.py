@@ -580,7 +580,7 @@ def _redis_proxy(
         upstream,
         store={"url": redis.url, "on_error": on_error},
         # The key record stays cached, so only the budget step meets the dead store.
-        auth={"key_pepper": "pepper-for-tests", "key_cache_seconds": 60},
+        auth={"key_pepper": "pepper-for-tests-0123456789abcdef", "key_cache_seconds": 60},
     )
 
 

@@ -42,7 +42,11 @@ def during(sent: list[str], call: Callable[[], object], after_answer: float = 0.
 def test_a_generation_costs_a_hold_and_a_settle(
     fake: Any, start_proxy: Callable[..., Proxy], redis_server: RedisServer
 ) -> None:
-    proxy = start_proxy(fake[1].url, store={"url": redis_server.url}, auth={"key_pepper": "p"})
+    proxy = start_proxy(
+        fake[1].url,
+        store={"url": redis_server.url},
+        auth={"key_pepper": "pepper-for-tests-0123456789abcdef"},
+    )
     key = proxy.new_key()
     headers = {"authorization": f"Bearer {key}"}
     body = {"prompt": "x", "response_format": "url"}

@@ -18,7 +18,10 @@ from .conftest import RedisServer
 def test_budget_refresh_restores_a_lost_config_team(redis_server: RedisServer) -> None:
     settings = config.load(
         path=os.devnull,
-        env={"APIYI_PROXY_STORE_URL": redis_server.url, "APIYI_PROXY_KEY_PEPPER": "pepper"},
+        env={
+            "APIYI_PROXY_STORE_URL": redis_server.url,
+            "APIYI_PROXY_KEY_PEPPER": "pepper-for-tests-0123456789abcdef",
+        },
         overrides={"ledger": {"teams": {"design": {"daily_usd": 0.09}}}},
     )
     seeded = Team("design", Limits(daily_micros=90_000))

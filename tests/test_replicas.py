@@ -48,7 +48,7 @@ def replica_env(store_url: str, upstream: ThreadServer, **extra: str) -> dict[st
         "APIYI_API_KEY": UPSTREAM_KEY,
         "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
         "APIYI_PROXY_STORE_URL": store_url,
-        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas",
+        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas-0123456",
         "APIYI_PROXY_LOG__LEVEL": "warning",
         **extra,
     }

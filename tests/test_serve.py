@@ -158,7 +158,7 @@ def test_serve_without_an_upstream_key_names_the_setting() -> None:
 def workers_env(redis: RedisServer, **extra: str) -> dict[str, str]:
     return clean_env(
         APIYI_PROXY_STORE_URL=redis.url,
-        APIYI_PROXY_KEY_PEPPER="pepper-shared-by-workers",
+        APIYI_PROXY_KEY_PEPPER="pepper-shared-by-workers-01234567",
         APIYI_PROXY_ADMIN_TOKEN=ADMIN_TOKEN,
         APIYI_PROXY_LOG__LEVEL="warning",
         **extra,
