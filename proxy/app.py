@@ -140,6 +140,9 @@ def create_app(
         exception_handlers={404: _not_found, 405: _not_allowed},
     )
     app.state.services = services
+    # A path with a trailing slash is answered as the route itself (ImageRoutes): the
+    # router's redirect would build its Location from the client's Host header.
+    app.router.redirect_slashes = False
     return ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, access_log)
 
 
@@ -149,6 +152,7 @@ class ImageRoutes:
     They are plain ASGI apps that answer their own errors, so the router and the
     exception middlewares in front of every other route would only cost time on
     the request path. Everything else, the lifespan included, goes to ``app``.
+    A trailing slash is dropped first, so ``/v1/models/`` is ``/v1/models``.
     """
 
     def __init__(self, app: ASGIApp, endpoints: dict[str, ASGIApp]) -> None:
@@ -156,6 +160,9 @@ class ImageRoutes:
         self.endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self.endpoints.get(scope["path"])
             if endpoint is not None:

@@ -1,6 +1,9 @@
 """One request's story, and the ASGI middleware that opens and closes it.
 
-``ExchangeMiddleware`` gives every request an ``x-request-id``, an ``Exchange`` the
+``ExchangeMiddleware`` gives every request an ``x-request-id`` of the proxy's own (a
+client's ``x-request-id``, if sane, comes back beside it as ``x-client-request-id`` and
+is logged with it, but never replaces it: two clients may choose the same one), an
+``Exchange`` the
 handlers fill in (key, model, cost, upstream timing), turns any unexpected exception
 into an OpenAI-shaped 500 (never a traceback or a secret), then records the metrics
 and writes one structured access-log line.
@@ -30,6 +33,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 class Exchange:
     request_id: str
     method: str
+    client_request_id: str | None = None
     started: float = field(default_factory=time.perf_counter)
     route: str = "other"
     model: str = "-"
@@ -60,6 +64,7 @@ class Exchange:
             "total_ms": round(total * 1000, 3),
         }
         optional = {
+            "client_request_id": self.client_request_id,
             "model": None if self.model == "-" else self.model,
             "key_id": self.key_id,
             "key_name": self.key_name,
@@ -100,10 +105,13 @@ class ExchangeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _request_id(scope) or f"req_{self._ids.getrandbits(96):024x}"
-        exchange = Exchange(request_id, scope["method"])
+        request_id = f"req_{self._ids.getrandbits(96):024x}"
+        client_id = _client_request_id(scope)
+        exchange = Exchange(request_id, scope["method"], client_id)
         scope.setdefault("state", {})["exchange"] = exchange
-        id_header = (b"x-request-id", request_id.encode())
+        id_headers = [(b"x-request-id", request_id.encode())]
+        if client_id is not None:
+            id_headers.append((b"x-client-request-id", client_id.encode()))
         started = False
 
         async def send_with_id(message: Message) -> None:
@@ -111,7 +119,7 @@ class ExchangeMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 exchange.status = message["status"]
-                message["headers"] = [*message.get("headers", []), id_header]
+                message["headers"] = [*message.get("headers", []), *id_headers]
             await send(message)
 
         try:
@@ -139,7 +147,7 @@ class ExchangeMiddleware:
             self.access_log.write(ex.access_record(total))
 
 
-def _request_id(scope: Scope) -> str | None:
+def _client_request_id(scope: Scope) -> str | None:
     """The client's own request id, if it sent a sane one."""
     for name, value in scope["headers"]:
         if name == b"x-request-id":

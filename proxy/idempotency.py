@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from starlette.types import Send
 
 from .config import Settings
-from .errors import Conflict, IdempotencyMismatch, StoreUnavailable
+from .errors import Conflict, IdempotencyMismatch, InvalidRequest, StoreUnavailable
 from .ledger import Ledger
 from .metrics import Metrics
 from .results import Capture, ResultStore
@@ -104,7 +104,11 @@ class Idempotency:
         idem_key = headers.get("idempotency-key")
         if idem_key:
             if len(idem_key) > 255:
-                raise IdempotencyMismatch("Idempotency-Key is longer than 255 characters.")
+                raise InvalidRequest(
+                    "Idempotency-Key is longer than 255 characters.",
+                    code="invalid_idempotency_key",
+                    param="Idempotency-Key",
+                )
             scope = _scope("ik", key.id, idem_key, group_of(key.id, key.team))
             return await self._claim_or_join(scope, body_fingerprint(), True, self._explicit_ttl)
         retry = headers.get("x-stainless-retry-count")

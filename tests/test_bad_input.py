@@ -164,3 +164,26 @@ def test_no_body_makes_the_proxy_fail(proxy: Proxy, raw: bytes) -> None:
     assert response.status_code < 500, response.text
     if response.status_code != 200:
         assert_openai_error(response, response.status_code)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:443", "127.0.0.1:1"])
+def test_a_trailing_slash_is_answered_directly_never_redirected_by_host(
+    proxy: Proxy, fake: Any, host: str
+) -> None:
+    """The router's redirect built its Location from the Host header: an open redirect."""
+    key = proxy.new_key()
+    auth = {"authorization": f"Bearer {key}", "host": host}
+    with httpx.Client(base_url=proxy.url, follow_redirects=False, timeout=10) as client:
+        models = client.get("/v1/models/", headers=auth)
+        healthz = client.get("/healthz/", headers={"host": host})
+        generated = client.post(
+            "/v1/images/generations/", json={"prompt": "x", "response_format": "url"}, headers=auth
+        )
+        unknown = client.get("/no/such/route/", headers={"host": host})
+    for response in (models, healthz, generated):
+        assert response.status_code == 200, response.text
+        assert "location" not in response.headers
+    assert models.json()["object"] == "list"
+    assert generated.json()["data"][0]["url"]
+    assert_openai_error(unknown, 404)
+    assert "location" not in unknown.headers

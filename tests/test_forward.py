@@ -659,12 +659,34 @@ def test_every_response_has_a_request_id(proxy: Proxy) -> None:
     assert len(set(ids)) == len(ids)
 
 
-def test_incoming_request_id_is_echoed_when_valid(proxy: Proxy) -> None:
+def test_the_proxys_request_id_stays_authoritative_beside_the_clients(proxy: Proxy) -> None:
+    """A client's x-request-id comes back as x-client-request-id; the proxy's own id,
+    unique per request, is x-request-id even when two clients choose the same one."""
     key = proxy.new_key()
-    for prompt, status in (("fine", 200), ("[fake:moderation] x", 400)):
+    ids = set()
+    for prompt, status in (("fine", 200), ("[fake:moderation] x", 400), ("fine", 200)):
         response = generate(proxy, key, prompt, headers={"x-request-id": "trace-42.a:b_c"})
         assert response.status_code == status
-        assert response.headers["x-request-id"] == "trace-42.a:b_c"
-    for bad in ("has spaces in it", "x" * 65, "semi;colon"):
+        assert GENERATED_ID.match(response.headers["x-request-id"])
+        assert response.headers["x-client-request-id"] == "trace-42.a:b_c"
+        ids.add(response.headers["x-request-id"])
+    assert len(ids) == 3
+    for bad in ("has spaces in it", "x" * 65, "semi;colon", "<script>"):
         response = httpx.get(proxy.url + "/healthz", headers={"x-request-id": bad})
         assert GENERATED_ID.match(response.headers["x-request-id"])
+        assert "x-client-request-id" not in response.headers
+
+
+def test_an_idempotency_key_too_long_is_a_400_that_says_so(proxy: Proxy, fake: Fake) -> None:
+    key = proxy.new_key(daily_usd=PRICE)
+    for length, status in ((256, 400), (1000, 400), (255, 200)):
+        response = generate(proxy, key, "fine", headers={"idempotency-key": "k" * length})
+        if status == 400:
+            assert_error(response, 400, "invalid_request_error", "invalid_idempotency_key")
+            assert response.json()["error"]["param"] == "Idempotency-Key"
+            assert response.headers["x-should-retry"] == "false"
+        else:
+            assert response.status_code == 200, response.text
+    # Neither refusal reached the upstream or held money.
+    assert len(billing(fake[1])["requests"]) == 1
+    assert_money(proxy, key, spent=PRICE)
