@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,9 +17,9 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admin import Admin, error_response, json_response
-from .auth import Authenticator
+from .auth import Authenticator, bearer_token
 from .config import Settings
-from .errors import MethodNotAllowed, NotFound, StoreUnavailable
+from .errors import MethodNotAllowed, NotFound, StoreUnavailable, Unauthorized
 from .exchange import ExchangeMiddleware, exchange_of
 from .idempotency import Idempotency
 from .images import ImagesEndpoint, Services
@@ -90,8 +91,15 @@ def create_app(
             return error_response(error)
         return json_response({"status": "ready"})
 
+    metrics_token = (settings.auth.metrics_token or "").encode()
+
     async def metrics_endpoint(request: Request) -> Response:
         exchange_of(request.scope).route = "/metrics"
+        given = (bearer_token(request.headers) or "").encode()
+        if metrics_token and not hmac.compare_digest(given, metrics_token):
+            return error_response(
+                Unauthorized("/metrics needs the metrics token.", code="invalid_metrics_token")
+            )
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 

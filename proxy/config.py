@@ -144,6 +144,8 @@ class AuthSettings:
     mode: Literal["keys", "passthrough"] = "keys"
     admin_token: str | None = field(default=None, repr=False)
     key_pepper: str | None = field(default=None, repr=False)
+    # When set, /metrics on the main port needs "Authorization: Bearer <token>".
+    metrics_token: str | None = field(default=None, repr=False)
     key_cache_seconds: float = 5.0
 
 
@@ -249,11 +251,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-SECRET_FIELDS = (("upstream", "api_key"), ("auth", "admin_token"), ("auth", "key_pepper"))
+SECRET_FIELDS = (
+    ("upstream", "api_key"),
+    ("auth", "admin_token"),
+    ("auth", "key_pepper"),
+    ("auth", "metrics_token"),
+)
 SECRET_ENV = {
     "APIYI_API_KEY": ("upstream", "api_key"),
     "APIYI_PROXY_ADMIN_TOKEN": ("auth", "admin_token"),
     "APIYI_PROXY_KEY_PEPPER": ("auth", "key_pepper"),
+    "APIYI_PROXY_METRICS_TOKEN": ("auth", "metrics_token"),
 }
 # The proxy's own secrets (not the upstream's key, whose shape the provider decides)
 # must be at least this long: 32 characters of `openssl rand -hex 32` are 128 bits.

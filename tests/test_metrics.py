@@ -158,3 +158,26 @@ def test_budget_gauges_come_from_the_store_before_any_traffic(
     assert value(m, "apiyi_proxy_budget_limit_usd", team="design", period="month") == 40
     assert value(m, "apiyi_proxy_budget_remaining_usd", team="design", period="day") == 2
     assert value(m, "apiyi_proxy_budget_remaining_usd", team="design", period="month") == 40
+
+
+METRICS_TOKEN = "metrics-token-for-tests-0123456789abcdef"
+
+
+def test_metrics_can_require_a_bearer_token(fake: Any, start_proxy: Callable[..., Proxy]) -> None:
+    proxy = start_proxy(fake[1].url, auth={"metrics_token": METRICS_TOKEN})
+    for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": METRICS_TOKEN}):
+        refused = httpx.get(proxy.url + "/metrics", headers=headers)
+        assert refused.status_code == 401
+        assert refused.json()["error"]["code"] == "invalid_metrics_token"
+        assert "apiyi_proxy_" not in refused.text
+    scraped = httpx.get(
+        proxy.url + "/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}
+    )
+    assert scraped.status_code == 200
+    assert "apiyi_proxy_requests_total" in scraped.text
+    # The token guards /metrics only; health checks stay open.
+    assert httpx.get(proxy.url + "/healthz").status_code == 200
+
+
+def test_metrics_stay_open_without_a_token(proxy: Proxy) -> None:
+    assert httpx.get(proxy.url + "/metrics").status_code == 200
