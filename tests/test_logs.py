@@ -55,11 +55,13 @@ def access_lines(proxy: ProxyProcess) -> dict[str, dict[str, Any]]:
     return records
 
 
-def post(proxy: ProxyProcess, key: str, **body: Any) -> httpx.Response:
+def post(
+    proxy: ProxyProcess, key: str, headers: dict[str, str] | None = None, **body: Any
+) -> httpx.Response:
     return httpx.post(
         proxy.url + "/v1/images/generations",
         json={"prompt": "a lighthouse", **body},
-        headers={"authorization": f"Bearer {key}"},
+        headers={"authorization": f"Bearer {key}", **(headers or {})},
         timeout=30,
     )
 
@@ -72,7 +74,7 @@ def test_one_structured_access_line_per_request(
         proxy.url + "/admin/keys", json={"name": "design-bot", "team": "design"}, headers=ADMIN
     ).json()
     ok = post(proxy, created["key"], size="2048 × 1152", quality="high", response_format="url")
-    refused = post(proxy, created["key"], n=3)
+    refused = post(proxy, created["key"], {"x-request-id": "client-trace-7"}, n=3)
     failed = post(proxy, created["key"], prompt="[fake:500] x")
     assert (ok.status_code, refused.status_code, failed.status_code) == (200, 400, 502)
 
@@ -98,6 +100,8 @@ def test_one_structured_access_line_per_request(
 
     line = lines[refused.headers["x-request-id"]]
     assert (line["status"], line["error_code"]) == (400, "n_not_supported")
+    assert line["client_request_id"] == "client-trace-7"
+    assert "client_request_id" not in lines[ok.headers["x-request-id"]]
     assert "hold" not in line and "upstream_status" not in line
 
     line = lines[failed.headers["x-request-id"]]
