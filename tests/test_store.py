@@ -544,3 +544,23 @@ async def test_the_sweep_visits_only_groups_with_holds(redis_for_store: RedisSer
         assert await store.holds_outstanding() == 1
     finally:
         await store.close()
+
+
+# one reading of the URL for both connections -----------------------------------------
+
+
+async def test_both_connections_use_the_database_the_url_names(
+    redis_for_store: RedisServer,
+) -> None:
+    # redis-py reads ``?db=`` over the path; the scripts' connection must agree, or a
+    # key written through one is missing on the other and every call is refused.
+    url = f"redis://127.0.0.1:{redis_for_store.port}/0?db=5"
+    store = RedisStore.from_settings(StoreSettings(url=url, key_prefix=f"t{next(_counter)}"))
+    try:
+        key = new_key()
+        await store.add_key(key)
+        assert await store.key_by_hash(key.key_hash) == key
+        assert (await store.reserve(hold(key))).ok
+        assert "db=5" in await store.r.execute_command("CLIENT", "INFO")
+    finally:
+        await store.close()
