@@ -476,6 +476,9 @@ class RedisStore(Store):
 
     @translated
     async def ping(self) -> None:
+        # Ready means the request path can reach the store: both its connections.
+        if self._scripts is not None:
+            await self._scripts.execute("PING")
         await self.r.ping()
 
     async def close(self) -> None:
