@@ -24,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from .limits import TEAM_LIMIT_FIELDS, LimitError, Limits, limit_changes, team_name
+from .redis_url import RedisTarget, RedisURLError
 
 ENV_PREFIX = "APIYI_PROXY_"
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
@@ -475,11 +476,17 @@ def _validate(s: Settings) -> None:
         need(getattr(s.upstream, name) > 0, f"upstream.{name}", "must be > 0")
     need(s.upstream.max_connections >= 1, "upstream.max_connections", "must be >= 1")
     for where, url in (("store.url", s.store.url), ("store.results_url", s.store.replay_url)):
+        scheme = url.partition("://")[0]
         need(
-            url.partition("://")[0] in STORE_SCHEMES,
+            scheme in STORE_SCHEMES,
             where,
             "scheme must be memory, redis, rediss, redis+cluster or redis+sentinel",
         )
+        if scheme in ("redis", "rediss"):
+            try:
+                RedisTarget.from_url(url)  # also loads the TLS files it names
+            except RedisURLError as error:
+                raise ConfigError(f"{where}: {error}") from None
     need(s.store.timeout_seconds > 0, "store.timeout_seconds", "must be > 0")
     need(s.ledger.lease_seconds >= 1, "ledger.lease_seconds", "must be >= 1")
     need(s.store.results_max_bytes >= 0, "store.results_max_bytes", "must be >= 0")

@@ -102,6 +102,33 @@ def test_bad_config_names_the_field(
     assert field in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("APIYI_PROXY_STORE_URL", "store.url"),
+        ("APIYI_PROXY_STORE__RESULTS_URL", "store.results_url"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("ssl_cert_reqs=maybe", "ssl_cert_reqs must be none, optional or required"),
+        ("ssl_check_hostname=off", "ssl_check_hostname must be true or false"),
+        ("ssl_ca_certs=/no/such/ca.pem", "ssl_ca_certs: cannot use '/no/such/ca.pem'"),
+        ("ssl_verify=none", "unknown option 'ssl_verify'"),
+    ],
+)
+def test_a_store_url_the_store_could_not_use_is_refused_at_start_up(
+    setting: str, field: str, query: str, reason: str
+) -> None:
+    env = {"APIYI_PROXY_STORE_URL": "redis://ledger:6379/0", "APIYI_PROXY_KEY_PEPPER": "pepper"}
+    env[setting] = f"rediss://app:store-password@cache:6380/0?{query}"
+    with pytest.raises(config.ConfigError) as info:
+        load(**env)
+    assert str(info.value).startswith(f"{field}: {reason}")
+    assert "store-password" not in str(info.value)
+
+
 def test_replay_bodies_live_beside_a_shared_ledger_unless_told_otherwise() -> None:
     pepper = {"APIYI_PROXY_KEY_PEPPER": "pepper-for-tests-0123456789abcdef"}
     alone = load()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from proxy.redis_url import RedisTarget
 from proxy.store import StoreError, resp
 from proxy.store.resp import MultiplexedConnection, pack
 
@@ -38,7 +39,7 @@ def test_pack_is_resp() -> None:
 
 
 async def test_replies_pair_with_their_callers(redis_server: RedisServer) -> None:
-    conn = MultiplexedConnection(redis_server.url, 1.0)
+    conn = MultiplexedConnection(RedisTarget.from_url(redis_server.url), 1.0)
     try:
         results = await asyncio.gather(*(conn.execute("ECHO", f"call-{i}") for i in range(500)))
         assert results == [f"call-{i}" for i in range(500)]
@@ -54,7 +55,7 @@ async def test_replies_pair_with_their_callers(redis_server: RedisServer) -> Non
 async def test_scripts_load_themselves_when_the_server_lacks_them(
     redis_server: RedisServer,
 ) -> None:
-    conn = MultiplexedConnection(redis_server.url, 1.0)
+    conn = MultiplexedConnection(RedisTarget.from_url(redis_server.url), 1.0)
     try:
         assert await conn.evalsha(SHA, SCRIPT, ["counter"], ["a"]) == ["counter", "a", 1]
         await conn.execute("SCRIPT", "FLUSH")
@@ -67,12 +68,14 @@ async def test_scripts_load_themselves_when_the_server_lacks_them(
 
 async def test_password_and_database_from_the_url(secured: RedisServer) -> None:
     url = f"redis://:s3cret@127.0.0.1:{secured.port}/3"
-    conn = MultiplexedConnection(url, 1.0)
+    conn = MultiplexedConnection(RedisTarget.from_url(url), 1.0)
     try:
         assert "db=3" in await conn.execute("CLIENT", "INFO")
     finally:
         await conn.close()
-    wrong = MultiplexedConnection(f"redis://:nope@127.0.0.1:{secured.port}/0", 1.0)
+    wrong = MultiplexedConnection(
+        RedisTarget.from_url(f"redis://:nope@127.0.0.1:{secured.port}/0"), 1.0
+    )
     with pytest.raises(StoreError, match="refused"):
         await wrong.execute("PING")
     await wrong.close()
@@ -81,7 +84,7 @@ async def test_password_and_database_from_the_url(secured: RedisServer) -> None:
 async def test_a_lost_server_fails_callers_and_a_new_one_is_reached() -> None:
     server = RedisServer()
     port = server.port
-    conn = MultiplexedConnection(server.url, 0.5)
+    conn = MultiplexedConnection(RedisTarget.from_url(server.url), 0.5)
     try:
         assert await conn.execute("PING") == "PONG"
         server.stop()
@@ -100,7 +103,7 @@ async def test_a_stalled_server_is_refused_past_the_queue_cap(
     redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(resp, "MAX_PENDING", 10)
-    conn = MultiplexedConnection(redis_server.url, 1.0)
+    conn = MultiplexedConnection(RedisTarget.from_url(redis_server.url), 1.0)
     try:
         await conn.execute("PING")
         redis_server.pause()
@@ -119,7 +122,7 @@ async def test_a_stalled_server_is_refused_at_once_past_the_timeout(
     redis_server: RedisServer,
 ) -> None:
     loop = asyncio.get_running_loop()
-    conn = MultiplexedConnection(redis_server.url, 0.2)
+    conn = MultiplexedConnection(RedisTarget.from_url(redis_server.url), 0.2)
     try:
         await conn.execute("PING")
         redis_server.pause()

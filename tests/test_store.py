@@ -11,6 +11,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from proxy.config import StoreSettings
 from proxy.keys import KeyHasher, issue_key
+from proxy.redis_url import RedisTarget
 from proxy.store import (
     ClaimRequest,
     HoldRequest,
@@ -23,12 +24,15 @@ from proxy.store import (
     Refusal,
     Settlement,
     Store,
+    StoreError,
     Team,
     group_of,
 )
 from proxy.store.redis import RedisStore
+from proxy.store.redis_client import connect
+from proxy.store.resp import MultiplexedConnection
 
-from .conftest import RedisServer
+from .conftest import RedisServer, free_port
 
 PERIODS = Periods("2026-11-23", "2026-11")
 PRICE = 30_000
@@ -542,5 +546,37 @@ async def test_the_sweep_visits_only_groups_with_holds(redis_for_store: RedisSer
         await store.expire_holds()
         assert swept == [store._base(group_of(busy.id, None)) + "holds"]
         assert await store.holds_outstanding() == 1
+    finally:
+        await store.close()
+
+
+# one reading of the URL for both connections -----------------------------------------
+
+
+async def test_both_connections_use_the_database_the_url_names(
+    redis_for_store: RedisServer,
+) -> None:
+    # redis-py reads ``?db=`` over the path; the scripts' connection must agree, or a
+    # key written through one is missing on the other and every call is refused.
+    url = f"redis://127.0.0.1:{redis_for_store.port}/0?db=5"
+    store = RedisStore.from_settings(StoreSettings(url=url, key_prefix=f"t{next(_counter)}"))
+    try:
+        key = new_key()
+        await store.add_key(key)
+        assert await store.key_by_hash(key.key_hash) == key
+        assert (await store.reserve(hold(key))).ok
+        assert "db=5" in await store.r.execute_command("CLIENT", "INFO")
+    finally:
+        await store.close()
+
+
+async def test_ping_answers_for_the_scripts_connection_too(redis_for_store: RedisServer) -> None:
+    # /readyz asks the store; the money scripts do not go through redis-py's client.
+    settings = StoreSettings(url=redis_for_store.url, timeout_seconds=0.5)
+    nowhere = MultiplexedConnection(RedisTarget("127.0.0.1", free_port()), 0.5)
+    store = RedisStore(connect(settings.url, settings), scripts=nowhere)
+    try:
+        with pytest.raises(StoreError):
+            await store.ping()
     finally:
         await store.close()

@@ -44,6 +44,7 @@ from redis.exceptions import RedisError
 
 from ..config import StoreSettings
 from ..limits import Limits
+from ..redis_url import RedisTarget
 from .base import (
     HoldRequest,
     IdemRecord,
@@ -60,7 +61,7 @@ from .base import (
     group_of,
     hold_group,
 )
-from .redis_client import connect, load_script, translated
+from .redis_client import connect, connect_node, load_script, translated
 from .redis_records import key_fields, key_record, team_fields, team_record
 from .resp import MultiplexedConnection
 
@@ -104,14 +105,14 @@ class RedisStore(Store):
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
         scheme = settings.url.partition("://")[0]
-        scripts = (
-            MultiplexedConnection(settings.url, settings.timeout_seconds)
-            if scheme in ("redis", "rediss")
-            else None
-        )
-        return cls(
-            connect(settings.url, settings), settings.key_prefix, settings.max_connections, scripts
-        )
+        if scheme not in ("redis", "rediss"):
+            client = connect(settings.url, settings)
+            return cls(client, settings.key_prefix, settings.max_connections)
+        # One reading of the URL for both connections: same server, database and TLS.
+        target = RedisTarget.from_url(settings.url)
+        scripts = MultiplexedConnection(target, settings.timeout_seconds)
+        client = connect_node(target, settings)
+        return cls(client, settings.key_prefix, settings.max_connections, scripts)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """One script call, one round trip."""
@@ -475,6 +476,9 @@ class RedisStore(Store):
 
     @translated
     async def ping(self) -> None:
+        # Ready means the request path can reach the store: both its connections.
+        if self._scripts is not None:
+            await self._scripts.execute("PING")
         await self.r.ping()
 
     async def close(self) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Coroutine
+import ssl
+from collections.abc import Callable, Coroutine, Mapping
 from importlib import resources
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import urlsplit
@@ -14,6 +15,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
 from ..config import StoreSettings
+from ..redis_url import RedisTarget
 from .base import StoreError
 
 P = ParamSpec("P")
@@ -44,15 +46,22 @@ def load_script(name: str) -> str:
     return (lua / "common.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
 
 
+class TLSConnection(aioredis.Connection):
+    """redis-py's connection over the target's own TLS context: the one the scripts'
+    connection uses, so both verify the server alike (redis-py's ``SSLConnection``
+    would build a second context from options of its own reading)."""
+
+    def __init__(self, *, tls: ssl.SSLContext, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tls = tls
+
+    def _connection_arguments(self) -> Mapping[str, Any]:
+        return {**super()._connection_arguments(), "ssl": self.tls}
+
+
 def connect(url: str, settings: StoreSettings, *, decode: bool = True) -> Any:
     """A redis-py asyncio client for any of the supported URL schemes."""
-    timeout = settings.timeout_seconds
-    common: dict[str, Any] = {
-        "socket_timeout": timeout,
-        "socket_connect_timeout": timeout,
-        "decode_responses": decode,
-        "health_check_interval": 30,
-    }
+    common = _common(settings, decode)
     parts = urlsplit(url)
     scheme = parts.scheme
     if scheme == "redis+cluster":
@@ -68,10 +77,35 @@ def connect(url: str, settings: StoreSettings, *, decode: bool = True) -> Any:
         ]
         service = parts.path.strip("/").split("/")[0] or "mymaster"
         sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            hosts, sentinel_kwargs={"socket_timeout": timeout}, **common
+            hosts, sentinel_kwargs={"socket_timeout": settings.timeout_seconds}, **common
         )
         return sentinel.master_for(service, password=parts.password)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.max_connections, timeout=timeout, **common
+    return connect_node(RedisTarget.from_url(url), settings, decode=decode)
+
+
+def connect_node(target: RedisTarget, settings: StoreSettings, *, decode: bool = True) -> Any:
+    """A redis-py asyncio client for one ``redis://`` or ``rediss://`` server."""
+    reach: dict[str, Any] = {"connection_class": aioredis.Connection}
+    if target.tls is not None:
+        reach = {"connection_class": TLSConnection, "tls": target.tls}
+    pool = aioredis.BlockingConnectionPool(
+        max_connections=settings.max_connections,
+        timeout=settings.timeout_seconds,
+        host=target.host,
+        port=target.port,
+        db=target.db,
+        username=target.username,
+        password=target.password,
+        **reach,
+        **_common(settings, decode),
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def _common(settings: StoreSettings, decode: bool) -> dict[str, Any]:
+    return {
+        "socket_timeout": settings.timeout_seconds,
+        "socket_connect_timeout": settings.timeout_seconds,
+        "decode_responses": decode,
+        "health_check_interval": 30,
+    }

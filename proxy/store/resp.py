@@ -7,24 +7,25 @@ commands of one connection in order, so a queue of futures pairs each reply with
 caller and a single connection carries every concurrent request, with no pool; the
 commands issued in one turn of the event loop leave in one write.
 
-Used for single-node ``redis://`` and ``rediss://`` stores; clusters and sentinels
-keep redis-py's routing. Errors leave as ``StoreError``. A caller that stops waiting
-(the store timeout) leaves its slot in the queue, and the late reply is dropped; the
-ledger then treats the step as possibly applied (see ``Ledger.hold``). While the oldest
-command has gone unanswered past the store timeout, new commands are refused at once.
+Used for single-node ``redis://`` and ``rediss://`` stores, reached as redis-py's
+client reaches them (one ``RedisTarget``: address, database, credentials, TLS
+context); clusters and sentinels keep redis-py's routing. Errors leave as
+``StoreError``. A caller that stops waiting (the store timeout) leaves its slot in
+the queue, and the late reply is dropped; the ledger then treats the step as
+possibly applied (see ``Ledger.hold``). While the oldest command has gone unanswered
+past the store timeout, new commands are refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import ssl
 from collections.abc import Sequence
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
 
 import hiredis
 
+from ..redis_url import RedisTarget
 from .base import StoreError
 
 # Past this many commands without an answer the store is not keeping up: fail fast
@@ -85,19 +86,15 @@ class _Protocol(asyncio.Protocol):
 class MultiplexedConnection:
     """Commands from any number of tasks, pipelined on one connection, opened lazily."""
 
-    def __init__(self, url: str, timeout: float) -> None:
-        parts = urlsplit(url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or 6379
-        self._ssl = ssl.create_default_context() if parts.scheme == "rediss" else None
+    def __init__(self, target: RedisTarget, timeout: float) -> None:
+        self._target = target
         self._setup: list[list[str | int | bytes]] = []
-        if parts.password:
-            user = unquote(parts.username) if parts.username else None
-            auth: list[str | int | bytes] = ["AUTH", unquote(parts.password)]
-            self._setup.append(auth if user is None else ["AUTH", user, unquote(parts.password)])
-        db = parts.path.strip("/")
-        if db and db != "0":
-            self._setup.append(["SELECT", int(db)])
+        if target.username:  # as redis-py authenticates
+            self._setup.append(["AUTH", target.username, target.password or ""])
+        elif target.password:
+            self._setup.append(["AUTH", target.password])
+        if target.db:
+            self._setup.append(["SELECT", target.db])
         # The store timeout: bounds connecting, and how long the oldest command may go
         # unanswered before the store counts as stalled.
         self._timeout = timeout
@@ -117,7 +114,7 @@ class MultiplexedConnection:
             try:
                 async with asyncio.timeout(self._timeout):
                     _, protocol = await loop.create_connection(
-                        _Protocol, self._host, self._port, ssl=self._ssl
+                        _Protocol, self._target.host, self._target.port, ssl=self._target.tls
                     )
                     for command in self._setup:
                         if isinstance(await self._send(protocol, command), ReplyError):
