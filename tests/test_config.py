@@ -121,7 +121,7 @@ def test_bad_config_names_the_field(
 def test_a_store_url_the_store_could_not_use_is_refused_at_start_up(
     setting: str, field: str, query: str, reason: str
 ) -> None:
-    env = {"APIYI_PROXY_STORE_URL": "redis://ledger:6379/0", "APIYI_PROXY_KEY_PEPPER": "pepper"}
+    env = {"APIYI_PROXY_STORE_URL": "redis://ledger:6379/0", "APIYI_PROXY_KEY_PEPPER": "p" * 32}
     env[setting] = f"rediss://app:store-password@cache:6380/0?{query}"
     with pytest.raises(config.ConfigError) as info:
         load(**env)

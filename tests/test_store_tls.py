@@ -175,7 +175,7 @@ def proxy_on(start_proxy: Callable[..., Proxy], fake: Any, store_url: str) -> Pr
     return start_proxy(
         fake[1].url,
         store={"url": store_url, "timeout_seconds": 5},
-        auth={"key_pepper": "pepper-for-tls-tests"},
+        auth={"key_pepper": "pepper-for-tls-tests-0123456789abcdef"},
     )
 
 
