@@ -119,6 +119,9 @@ SCENARIOS = (
             "test_replicas.py::test_config_team_is_restored_*",
             "test_money_faults.py::test_store_restarted_empty_*",
             "test_store_tls.py::*",
+            "test_redis_url.py::*",
+            "test_store.py::test_both_connections_*",
+            "test_store.py::test_ping_*",
         ),
     ),
     Scenario(
@@ -190,12 +193,15 @@ def cases_of(item: pytest.Item) -> int:
 
 
 def scenario_of(nodeid: str) -> Scenario | None:
+    """The scenario whose most specific (longest) pattern matches the test."""
     path, _, rest = nodeid.partition("::")
     name = Path(path).name + "::" + rest.split("[")[0].split("::")[-1]
+    best: tuple[int, Scenario | None] = (0, None)
     for scenario in SCENARIOS:
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in scenario.tests):
-            return scenario
-    return None
+        for pattern in scenario.tests:
+            if fnmatch.fnmatchcase(name, pattern) and len(pattern) > best[0]:
+                best = (len(pattern), scenario)
+    return best[1]
 
 
 class Collector:

@@ -114,12 +114,14 @@ def budget_race(
     assert today["remaining_usd"] == 0
 
 
+@pytest.mark.cases(300)
 def test_three_replicas_spend_a_budget_exactly(
     redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
 ) -> None:
     budget_race(redis_server.url, upstream, proxy_process, 3)
 
 
+@pytest.mark.cases(300)
 def test_budget_exact_on_a_redis_cluster(
     redis_cluster: RedisCluster,
     upstream: ThreadServer,
@@ -128,6 +130,7 @@ def test_budget_exact_on_a_redis_cluster(
     budget_race(redis_cluster.url, upstream, proxy_process, 2)
 
 
+@pytest.mark.cases(72)
 def test_concurrency_and_rpm_hold_across_replicas(
     redis_server: RedisServer, upstream: ThreadServer, proxy_process: Callable[..., ProxyProcess]
 ) -> None:

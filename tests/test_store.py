@@ -364,6 +364,7 @@ async def test_reserve_leaves_a_taken_or_abandoned_claim_alone(store: Store) -> 
     assert (await store.idem_begin(scope, "fp", 10, join_only=True)).state is IdemState.NEW
 
 
+@pytest.mark.cases(50)
 async def test_concurrent_reserves_never_overdraw(store: Store) -> None:
     key = new_key(daily_micros=10 * PRICE)
     await store.add_key(key)

@@ -309,6 +309,7 @@ def test_an_upstream_echoing_its_bearer_leaks_nothing(
         assert_nothing_leaked(texts, upstream)
 
 
+@pytest.mark.cases(1000)
 def test_a_thousand_upstream_codes_make_a_bounded_number_of_series(
     fake: tuple[FakeUpstream, ThreadServer], start_proxy: Callable[..., Proxy]
 ) -> None:
