@@ -206,6 +206,16 @@ class ServerSettings:
     fake_upstream: bool = False
     backlog: int = 4096
     limit_concurrency: int | None = None
+    # The edge (proxy/edge.py): what one client may hold, and for how long, before the
+    # proxy owes it an answer. None of these runs while a response is under way.
+    max_connections: int = 10_000
+    max_header_bytes: int = 16 * 1024
+    head_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    body_min_bytes_per_second: int = 8 * 1024
+    # Above the idle timeout of what reuses the connections (the SDK's pool: 5 s; nginx
+    # and cloud load balancers: 60 s), so the proxy is never the side that closes first.
+    keepalive_timeout_seconds: float = 75.0
 
 
 @dataclass(frozen=True)
@@ -497,6 +507,15 @@ def _validate(s: Settings) -> None:
         s.server.workers == 1 or s.store.shared,
         "server.workers",
         "several workers need a shared store (store.url redis://...); memory:// is per process",
+    )
+    need(s.server.max_connections >= 1, "server.max_connections", "must be >= 1")
+    need(s.server.max_header_bytes >= 1024, "server.max_header_bytes", "must be >= 1024")
+    for name in ("head_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
+        need(getattr(s.server, name) > 0, f"server.{name}", "must be > 0")
+    need(
+        s.server.body_min_bytes_per_second >= 1,
+        "server.body_min_bytes_per_second",
+        "must be >= 1",
     )
     need(
         s.server.graceful_timeout_seconds >= 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -21,6 +22,7 @@ from . import config as config_module
 from . import logs
 from .app import FAKE_UPSTREAM_MOUNT, create_app
 from .config import Settings
+from .edge import Edge, EdgeProtocol
 from .images import Services
 from .keys import issue_key
 from .metrics import Metrics
@@ -44,7 +46,10 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "host": s.host,
         "port": s.port,
         "loop": "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        "http": "httptools" if importlib.util.find_spec("httptools") else "h11",
+        # httptools within the edge's limits (proxy/edge.py); the proxy serves no websockets.
+        "http": functools.partial(EdgeProtocol, edge=Edge(s)),
+        "ws": "none",
+        "timeout_keep_alive": s.keepalive_timeout_seconds,
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
