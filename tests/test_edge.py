@@ -140,6 +140,7 @@ def send_huge_header(proxy: ProxyProcess, size: int, outcome: list[tuple[int, by
     outcome.append((sent, answer))
 
 
+@pytest.mark.cases(9)
 def test_huge_heads_are_refused_early_and_memory_stays_bounded(proxy: ProxyProcess) -> None:
     pid = proxy.process.pid
     one: list[tuple[int, bytes]] = []
@@ -258,6 +259,7 @@ def test_a_long_call_is_never_cut_by_the_deadlines(proxy: ProxyProcess, key: str
 # slow clients and the connection cap ------------------------------------------------
 
 
+@pytest.mark.cases(500)
 def test_calls_stay_fast_while_500_slow_heads_are_held_and_dropped(
     proxy: ProxyProcess, key: str
 ) -> None:
