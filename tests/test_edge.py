@@ -10,7 +10,7 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import httpx
 import orjson
@@ -140,6 +140,21 @@ def send_huge_header(proxy: ProxyProcess, size: int, outcome: list[tuple[int, by
     outcome.append((sent, answer))
 
 
+def dripped_until_closed(sock: socket.socket, pieces: Iterable[bytes]) -> bool:
+    """Send one piece about every 0.1 s; True once the server has closed the connection."""
+    sock.settimeout(0.1)
+    for piece in pieces:
+        try:
+            sock.sendall(piece)
+            if sock.recv(1024) == b"":
+                return True
+        except TimeoutError:
+            continue
+        except OSError:
+            return True
+    return False
+
+
 @pytest.mark.cases(9)
 def test_huge_heads_are_refused_early_and_memory_stays_bounded(proxy: ProxyProcess) -> None:
     pid = proxy.process.pid
@@ -182,18 +197,7 @@ def test_a_head_sent_a_byte_at_a_time_is_closed_at_the_head_deadline(
     head = b"GET /healthz HTTP/1.1\r\nhost: edge\r\nx-slow: " + b"a" * 100
     start = time.monotonic()
     with connect(proxy) as sock:
-        sock.settimeout(0.1)
-        for byte in head:
-            try:
-                sock.sendall(bytes([byte]))
-                if sock.recv(1024) == b"":
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        else:
-            pytest.fail("the slow head was never cut")
+        assert dripped_until_closed(sock, (bytes([byte]) for byte in head)), "never cut"
     assert TIMEOUT / 2 < time.monotonic() - start < TIMEOUT + SLACK
 
 
@@ -221,18 +225,7 @@ def test_a_trickled_body_is_cut_and_a_slow_steady_one_is_not(proxy: ProxyProcess
     start = time.monotonic()
     with connect(proxy) as sock:
         sock.sendall(head % 1000)
-        sock.settimeout(0.1)
-        for _ in range(100):
-            try:
-                sock.sendall(b" ")
-                if sock.recv(1024) == b"":
-                    break
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-        else:
-            pytest.fail("the trickled body was never cut")
+        assert dripped_until_closed(sock, (b" " for _ in range(100))), "never cut"
     assert time.monotonic() - start < TIMEOUT + SLACK
     # 1500 bytes a second for two seconds, above the floor: read whole and answered.
     body = b'{"prompt": "' + b"a" * 2986 + b'"}'
