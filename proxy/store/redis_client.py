@@ -75,3 +75,12 @@ def connect(url: str, settings: StoreSettings, *, decode: bool = True) -> Any:
         url, max_connections=settings.max_connections, timeout=timeout, **common
     )
     return aioredis.Redis.from_pool(pool)
+
+
+async def close_client(client: Any) -> None:
+    """Close a client of ``connect``, and the connections a sentinel-managed one keeps
+    to its sentinels (its own ``aclose`` leaves them open)."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
