@@ -50,7 +50,8 @@ def create_app(
     upstream = upstream or open_upstream(settings.upstream)
     ledger = Ledger(store, settings, metrics)
     hasher = KeyHasher(settings.auth.key_pepper)
-    auth = Authenticator(settings, ledger, hasher)
+    invalidations = store.invalidations()
+    auth = Authenticator(settings, ledger, hasher, invalidations)
     results = open_results(settings.store)
     idempotency = Idempotency(settings, ledger, results, metrics)
     services = Services(
@@ -131,12 +132,16 @@ def create_app(
         with contextlib.suppress(StoreUnavailable):
             await ledger.seed_teams()
         ledger.start()
+        if invalidations is not None:
+            invalidations.start(auth, metrics.key_change_subscription_losses.inc)
         if on_ready is not None:
             await on_ready(services)
         try:
             yield
         finally:
             await ledger.stop()
+            if invalidations is not None:
+                await invalidations.stop()
             await upstream.close()
             await results.close()
             await store.close()

@@ -1,8 +1,11 @@
 """Who is calling: a proxy-issued key (``keys`` mode) or an upstream key (``passthrough``).
 
-Key records are cached for a few seconds so that the request path needs no store
-round trip beyond the hold and its settle; the hold step itself re-reads the key
-atomically, so a revoked key is refused there even while a stale copy is cached.
+Key records are cached for ``auth.key_cache_seconds`` so that the request path needs no
+store round trip beyond the hold and its settle. A record that changes anywhere is
+dropped within a second: the store announces every change and the cache is told
+(``store.invalidation``); while those announcements may be missed, a record is kept a
+second at most. The hold step itself re-reads the key atomically, so money never
+depends on the cache.
 """
 
 from __future__ import annotations
@@ -16,12 +19,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Settings
-from .errors import Forbidden, ProxyError, Unauthorized
+from .errors import Forbidden, ProxyError, StoreUnavailable, Unauthorized
 from .keys import KeyHasher
 from .ledger import Ledger
 from .store import KeyRecord
+
+if TYPE_CHECKING:
+    from .store.invalidation import Invalidations
 
 CACHE_ENTRIES = 10_000
 # What an upstream key of this provider family looks like. In passthrough mode anything
@@ -53,14 +60,25 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, settings: Settings, ledger: Ledger, hasher: KeyHasher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        hasher: KeyHasher,
+        invalidations: Invalidations | None = None,
+    ) -> None:
         self._settings = settings
         self._ledger = ledger
         self._hasher = hasher
         self._ttl = settings.auth.key_cache_seconds
         self._default_limits = settings.ledger.default_limits()
+        # Key hash -> (when the read of the record began, the record).
         self._cache: OrderedDict[str, tuple[float, KeyRecord]] = OrderedDict()
         self._fetches: dict[str, asyncio.Task[KeyRecord | None]] = {}
+        # Without a subscription, only this process writes the store and tells the cache.
+        self._trusted = invalidations.trusted if invalidations else lambda read_at, now: True
+        self._forgotten = 0  # counts forgets: a read begun before one is not kept
+        self._fail_open = settings.store.on_error == "open"
 
     async def authenticate(self, headers: Mapping[str, str]) -> Caller:
         """The caller, or 401. An unseen passthrough key gets the record it would have,
@@ -87,10 +105,9 @@ class Authenticator:
         return Caller(record, upstream_key=None)
 
     async def _lookup(self, key_hash: str) -> KeyRecord | None:
-        now = time.monotonic()
-        cached = self._cache.get(key_hash)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        cached = self._cached(key_hash, time.monotonic())
+        if cached is not None:
+            return cached
         # One store read per key however many requests arrive for it at once (a burst
         # on a cold cache would otherwise queue for the store and time out), in a task
         # of its own so that one caller going away does not fail the others.
@@ -101,10 +118,30 @@ class Authenticator:
             fetch.add_done_callback(functools.partial(self._fetched, key_hash))
         return await asyncio.shield(fetch)
 
+    def _cached(self, key_hash: str, now: float) -> KeyRecord | None:
+        entry = self._cache.get(key_hash)
+        if entry is None:
+            return None
+        read_at, record = entry
+        if now - read_at >= self._ttl or not self._trusted(read_at, now):
+            return None
+        return record
+
     async def _fetch(self, key_hash: str) -> KeyRecord | None:
-        record = await self._ledger.call("key", lambda: self._ledger.store.key_by_hash(key_hash))
-        if record is not None:
-            self._remember(key_hash, record, time.monotonic())
+        forgotten, began = self._forgotten, time.monotonic()
+        try:
+            record = await self._ledger.call(
+                "key", lambda: self._ledger.store.key_by_hash(key_hash)
+            )
+        except StoreUnavailable:
+            # store.on_error open: a dead store lets calls through, on the record last
+            # read (within the cache's lifetime) even though no change can be heard.
+            stale = self._cache.get(key_hash)
+            if self._fail_open and stale is not None and began - stale[0] < self._ttl:
+                return stale[1]
+            raise
+        if record is not None and forgotten == self._forgotten:
+            self._remember(key_hash, record, began)
         return record
 
     def _fetched(self, key_hash: str, fetch: asyncio.Task[KeyRecord | None]) -> None:
@@ -113,14 +150,23 @@ class Authenticator:
         if not fetch.cancelled():
             fetch.exception()  # retrieved here too, in case every caller went away
 
-    def _remember(self, key_hash: str, record: KeyRecord, now: float) -> None:
-        self._cache[key_hash] = (now + self._ttl, record)
+    def _remember(self, key_hash: str, record: KeyRecord, read_at: float) -> None:
+        self._cache[key_hash] = (read_at, record)
         self._cache.move_to_end(key_hash)
         while len(self._cache) > CACHE_ENTRIES:
             self._cache.popitem(last=False)
 
     def forget(self, key_hash: str) -> None:
+        """Drop a record that changed, and any read of it begun before."""
         self._cache.pop(key_hash, None)
+        self._fetches.pop(key_hash, None)
+        self._forgotten += 1
+
+    def clear(self) -> None:
+        """Drop every record (changes may have been missed)."""
+        self._cache.clear()
+        self._fetches.clear()
+        self._forgotten += 1
 
     async def record(self, caller: Caller) -> None:
         """Save a passthrough key's ledger record once its request passed every check

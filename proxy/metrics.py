@@ -201,6 +201,12 @@ class Metrics:
             "from the request itself.",
             registry=r,
         )
+        self.key_change_subscription_losses = Counter(
+            f"{p}_key_change_subscription_losses",
+            "Times this process lost (or could not open) its subscription to key changes; "
+            "until it is back, key records are cached for a second at most.",
+            registry=r,
+        )
         self.idempotent_replays = Labelled(
             Counter(
                 f"{p}_idempotent_replays",
@@ -239,4 +245,5 @@ EXPORTED_NAMES: Final = (
     "apiyi_proxy_store_duration_seconds",
     "apiyi_proxy_idempotent_replays_total",
     "apiyi_proxy_settles_without_hold_total",
+    "apiyi_proxy_key_change_subscription_losses_total",
 )

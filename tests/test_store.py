@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 
 import pytest
@@ -426,6 +428,51 @@ async def test_seed_team_creates_only_an_absent_team(store: Store) -> None:
     assert not await store.seed_team(Team("open", Limits(daily_micros=0)))
     assert await store.team("open") == Team("open", Limits())
     assert [t.name for t in await store.teams()] == ["design", "open"]
+
+
+class Heard:
+    """A cache, as far as the subscriber to key changes can tell: what it was told."""
+
+    def __init__(self) -> None:
+        self.forgotten: list[str] = []
+        self.clears = 0
+
+    def forget(self, key_hash: str) -> None:
+        self.forgotten.append(key_hash)
+
+    def clear(self) -> None:
+        self.clears += 1
+
+
+async def eventually(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.01)
+
+
+async def test_every_change_to_a_key_record_is_announced(store: Store) -> None:
+    invalidations = store.invalidations()
+    if invalidations is None:
+        assert isinstance(store, MemoryStore)  # no other process writes it
+        return
+    heard, losses = Heard(), []
+    invalidations.start(heard, lambda: losses.append(1))
+    try:
+        # Subscribed (the cache dropped, in case changes were missed) and heard.
+        await eventually(lambda: invalidations.trusted(-math.inf, time.monotonic()))
+        assert heard.clears == 1
+        key = new_key(team="design", daily_micros=PRICE)
+        await store.add_key(key)
+        await store.update_key(key.id, revoked=True)
+        await eventually(lambda: heard.forgotten == [key.key_hash])
+        refused = new_key()  # a passthrough key the upstream refused
+        await store.add_key(refused)
+        assert await store.forget_key(refused.id, PERIODS)
+        await eventually(lambda: heard.forgotten == [key.key_hash, refused.key_hash])
+    finally:
+        await invalidations.stop()
+    assert losses == []
 
 
 async def test_legacy_records_read_zero_as_no_limit(redis_for_store: RedisServer) -> None:

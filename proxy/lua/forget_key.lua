@@ -1,7 +1,9 @@
 -- forget_key: remove a key that cost nothing (a passthrough key the upstream refused)
--- with what it made in its group, all or nothing. Returns its key hash if removed, for
--- the caller to drop the indexes outside the group's slot; else 0.
--- KEYS[1]: the key record. ARGV: base, key_id, day, month, then its resolved hold ids
+-- with what it made in its group, all or nothing, and announce the change to every
+-- replica's cache. Returns its key hash if removed, for the caller to drop the indexes
+-- outside the group's slot; else 0.
+-- KEYS[1]: the key record. ARGV: base, key_id, day, month, the changes channel, then its
+-- resolved hold ids
 local base, key_id = ARGV[1], ARGV[2]
 local key = redis.call('HMGET', KEYS[1], 'id', 'revoked', 'team', 'key_hash')
 -- A revocation must outlive the key; a team's tallies count its keys' requests.
@@ -15,11 +17,12 @@ for i = 3, 4 do
   if (tonumber(u[1]) or 0) ~= 0 or (tonumber(u[2]) or 0) ~= 0 then return 0 end
   doomed[#doomed + 1] = k
 end
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local hold = base .. 'hold:' .. ARGV[i]
   local h = redis.call('HMGET', hold, 'state', 'key')
   if h[1] == 'held' then return 0 end
   if h[2] == key_id then doomed[#doomed + 1] = hold end
 end
 redis.call('DEL', unpack(doomed))
+redis.call('PUBLISH', ARGV[5], key[4])
 return key[4]

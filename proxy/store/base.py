@@ -30,9 +30,12 @@ import abc
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..limits import Limits
+
+if TYPE_CHECKING:
+    from .invalidation import Invalidations
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,12 @@ class Store(abc.ABC):
         """Forget ``owner``'s in-flight claim, whose call was never billed. If the claim
         has not arrived (it timed out on the way), mark the owner gone for ``ttl_seconds``
         so that it claims nothing when it does."""
+
+    def invalidations(self) -> Invalidations | None:
+        """A subscription to the changes any process makes to key records, for this
+        process's cache (see ``invalidation``); None for a store no other process
+        writes, whose writers tell the cache themselves."""
+        return None
 
     # life --------------------------------------------------------------------
     async def open(self) -> None:  # noqa: B027 - optional warm-up

@@ -17,6 +17,7 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:keyhash:<hmac>            string "<g>|<id>": lookup by presented key
     apiyi:keygroups                 hash   key id -> group
     apiyi:groups, apiyi:teams       sets   for listing
+    apiyi:changed                   channel hashes of changed key records (for caches)
     apiyi:activegroups              zset   groups with open holds, by when last noted
                                            (the expiry sweep visits only these)
     apiyi:{res}:...                        replay bodies, capped (``proxy/results.py``)
@@ -35,8 +36,9 @@ else, and clusters and sentinels, use redis-py.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -61,8 +63,9 @@ from .base import (
     group_of,
     hold_group,
 )
-from .redis_client import connect, connect_node, load_script, translated
-from .redis_records import key_fields, key_record, team_fields, team_record
+from .invalidation import Invalidations, channel
+from .redis_client import close_client, connect, connect_node, load_script, translated
+from .redis_records import key_fields, key_record, script_fields, team_fields, team_record
 from .resp import MultiplexedConnection
 
 EXPIRE_BATCH = 200
@@ -82,9 +85,12 @@ class RedisStore(Store):
         prefix: str = "apiyi",
         max_connections: int = 64,
         scripts: MultiplexedConnection | None = None,
+        subscriber: Callable[[], Any] | None = None,
     ) -> None:
         self.r = client
         self.p = prefix
+        self.changes = channel(prefix)
+        self._subscriber = subscriber  # opens a client to subscribe to ``changes`` with
         self.slots = asyncio.Semaphore(max_connections)
         # The money scripts' own connection (single-node stores); else redis-py's.
         self._scripts = scripts
@@ -98,6 +104,7 @@ class RedisStore(Store):
         self._key_lookup = client.register_script(load_script("key_lookup"))
         self._seed_team = client.register_script(load_script("seed_team"))
         self._forget_key = client.register_script(load_script("forget_key"))
+        self._key_write = client.register_script(load_script("key_write"))
         self._groups: dict[str, str] = {}
         self._noted: dict[str, float] = {}  # group -> when to note it active again
         self._noting: set[asyncio.Future[None]] = set()
@@ -105,14 +112,21 @@ class RedisStore(Store):
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
         scheme = settings.url.partition("://")[0]
+        # Key changes are heard on a connection of their own, however the store is reached.
+        subscriber = functools.partial(connect, settings.url, settings, decode=False)
         if scheme not in ("redis", "rediss"):
             client = connect(settings.url, settings)
-            return cls(client, settings.key_prefix, settings.max_connections)
+            return cls(client, settings.key_prefix, settings.max_connections, subscriber=subscriber)
         # One reading of the URL for both connections: same server, database and TLS.
         target = RedisTarget.from_url(settings.url)
         scripts = MultiplexedConnection(target, settings.timeout_seconds)
         client = connect_node(target, settings)
-        return cls(client, settings.key_prefix, settings.max_connections, scripts)
+        return cls(client, settings.key_prefix, settings.max_connections, scripts, subscriber)
+
+    def invalidations(self) -> Invalidations | None:
+        if self._subscriber is None:
+            return None
+        return Invalidations(self._subscriber, self.changes)
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         """One script call, one round trip."""
@@ -180,16 +194,16 @@ class RedisStore(Store):
                 records.append(record)
         return sorted(records, key=lambda k: (k.created, k.id))
 
-    @translated
     async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
-        current = await self._read_key(key_id)
+        current = await self.key(key_id)
         if current is None:
             return None
         if "team" in changes and changes["team"] != current.team:
             raise ValueError("a key's team is fixed at creation")
         updated = current.with_changes(**changes)
-        group = group_of(key_id, current.team)
-        await self._write_record(self._base(group) + "key:" + key_id, key_fields(updated))
+        record = self._base(group_of(key_id, current.team)) + "key:" + key_id
+        args = [self.changes, current.key_hash, *script_fields(key_fields(updated))]
+        await self._run(self._key_write, [record], args)
         return updated
 
     async def _write_record(self, key: str, fields: dict[str, Any]) -> None:
@@ -205,7 +219,7 @@ class RedisStore(Store):
         group = group_of(key_id, None)  # a key of a team is never forgotten
         base = self._base(group)
         holds = [h for h in hold_ids if hold_group(h) == group]
-        args = [base, key_id, periods.day, periods.month, *holds]
+        args = [base, key_id, periods.day, periods.month, self.changes, *holds]
         key_hash = await self._run(self._forget_key, [base + "key:" + key_id], args)
         if not key_hash:
             return False
@@ -469,6 +483,7 @@ class RedisStore(Store):
             self._key_lookup,
             self._seed_team,
             self._forget_key,
+            self._key_write,
         )
         for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
@@ -487,8 +502,4 @@ class RedisStore(Store):
         await asyncio.gather(*self._noting, return_exceptions=True)
         if self._scripts is not None:
             await self._scripts.close()
-        await self.r.aclose()
-        # A sentinel-managed client does not close its connections to the sentinels.
-        manager = getattr(getattr(self.r, "connection_pool", None), "sentinel_manager", None)
-        for sentinel in getattr(manager, "sentinels", ()):
-            await sentinel.aclose()
+        await close_client(self.r)

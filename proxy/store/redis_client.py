@@ -109,3 +109,12 @@ def _common(settings: StoreSettings, decode: bool) -> dict[str, Any]:
         "decode_responses": decode,
         "health_check_interval": 30,
     }
+
+
+async def close_client(client: Any) -> None:
+    """Close a client of ``connect``, and the connections a sentinel-managed one keeps
+    to its sentinels (its own ``aclose`` leaves them open)."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()

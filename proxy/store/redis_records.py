@@ -34,6 +34,16 @@ def key_fields(record: KeyRecord) -> dict[str, Any]:
     }
 
 
+def script_fields(fields: dict[str, Any]) -> list[Any]:
+    """A record's fields as ``key_write.lua`` takes them: how many are set, those
+    field/value pairs, then the fields to drop (limits with none)."""
+    present = [
+        item for name, value in fields.items() if value is not None for item in (name, value)
+    ]
+    absent = [name for name, value in fields.items() if value is None]
+    return [len(present) // 2, *present, *absent]
+
+
 def team_fields(team: Team) -> dict[str, Any]:
     return {
         "format": RECORD_FORMAT,
