@@ -119,7 +119,7 @@ def test_revoked_by_the_cli_is_refused_by_every_replica_within_a_second(
     warm(b, key)
     env = {
         "APIYI_PROXY_STORE_URL": redis_server.url,
-        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas",
+        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas-0123456",
     }
     revoked = cli("keys", "revoke", key_id, env=env)
     assert revoked.returncode == 0, revoked.stderr
