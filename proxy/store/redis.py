@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,18 +63,12 @@ from .base import (
     hold_group,
 )
 from .invalidation import Invalidations, channel
+from .redis_active import ActiveGroups
 from .redis_client import close_client, connect, connect_node, load_script, translated
 from .redis_records import key_fields, key_record, script_fields, team_fields, team_record
 from .resp import MultiplexedConnection
 
 EXPIRE_BATCH = 200
-# A group noted active is swept for this long after it was last noted; its replica
-# notes it again every third of a lease while it holds money there.
-ACTIVE_WINDOW_MS = 10 * 60 * 1000
-# Well inside the window: a call (at most ~400 s) ends before its group's note does,
-# and its replica notes the group again at every renewal anyway.
-NOTE_AGAIN_SECONDS = 60.0
-NOTED_MOST = 100_000
 
 
 class RedisStore(Store):
@@ -106,8 +99,7 @@ class RedisStore(Store):
         self._forget_key = client.register_script(load_script("forget_key"))
         self._key_write = client.register_script(load_script("key_write"))
         self._groups: dict[str, str] = {}
-        self._noted: dict[str, float] = {}  # group -> when to note it active again
-        self._noting: set[asyncio.Future[None]] = set()
+        self._active = ActiveGroups(client, prefix)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
@@ -234,10 +226,7 @@ class RedisStore(Store):
         await self.r.delete(f"{self.p}:keyhash:{key_hash}")
         await self.r.hdel(f"{self.p}:keygroups", key_id)
         await self.r.srem(f"{self.p}:groups", group)  # the key was its group's only member
-        # Its group has no hold left to sweep; a note on its way lands first.
-        await asyncio.gather(*self._noting, return_exceptions=True)
-        self._noted.pop(group, None)
-        await self.r.zrem(f"{self.p}:activegroups", group)
+        await self._active.forget(group)
 
     # teams -------------------------------------------------------------------
     @translated
@@ -308,8 +297,7 @@ class RedisStore(Store):
             return Reservation(
                 Refusal(answer[0]), retry_after=None if retry_ms is None else retry_ms / 1000
             )
-        if self._noted.get(group, 0.0) < time.monotonic():
-            self._note(group)
+        self._active.note(group)
         flat = answer[1]
         remaining = {flat[i]: int(flat[i + 1]) for i in range(0, len(flat), 2)}
         return Reservation(team_remaining=remaining or None, claimed=answer[2] == 1)
@@ -346,29 +334,11 @@ class RedisStore(Store):
 
     @translated
     async def mark_active(self, groups: list[str]) -> None:
-        if not groups:
-            return
-        if len(self._noted) > NOTED_MOST:
-            self._noted.clear()
-        until = time.monotonic() + NOTE_AGAIN_SECONDS
-        self._noted.update(dict.fromkeys(groups, until))
-        # This host's clock: skew between replicas is far inside the window.
-        now_ms = int(time.time() * 1000)
-        await self.r.zadd(f"{self.p}:activegroups", dict.fromkeys(groups, now_ms))
+        await self._active.mark(groups)
 
-    def _note(self, group: str) -> None:
-        """Note a group with a new hold active, at most once a minute per process, off
-        the request path. The hold stands whether or not this lands: its own key's next
-        reserve sweeps it, and its replica notes it at every renewal."""
-        self._noted[group] = time.monotonic() + NOTE_AGAIN_SECONDS
-        task = asyncio.ensure_future(self.mark_active([group]))
-        self._noting.add(task)
-        task.add_done_callback(self._noted_done)
-
-    def _noted_done(self, task: asyncio.Future[None]) -> None:
-        self._noting.discard(task)
-        if not task.cancelled():
-            task.exception()  # a store error here is retried by the next renewal
+    @translated
+    async def _active_groups(self) -> list[str]:
+        return await self._active.groups()
 
     async def expire_holds(self) -> int:
         total = 0
@@ -376,16 +346,6 @@ class RedisStore(Store):
             base = self._base(group)
             total += int(await self._run(self._expire, [base + "holds"], [base, EXPIRE_BATCH]))
         return total
-
-    @translated
-    async def _active_groups(self) -> list[str]:
-        """Groups noted active lately; older notes are dropped (their holds, if any,
-        were past their deadline and swept long before)."""
-        active = f"{self.p}:activegroups"
-        since = int(time.time() * 1000) - ACTIVE_WINDOW_MS
-        await self.r.zremrangebyscore(active, "-inf", f"({since}")
-        groups: list[str] = await self.r.zrange(active, 0, -1)
-        return groups
 
     @translated
     async def tally(self, scope: str, name: str, period: str) -> Tally:
@@ -497,9 +457,7 @@ class RedisStore(Store):
         await self.r.ping()
 
     async def close(self) -> None:
-        for task in list(self._noting):
-            task.cancel()
-        await asyncio.gather(*self._noting, return_exceptions=True)
+        await self._active.close()
         if self._scripts is not None:
             await self._scripts.close()
         await close_client(self.r)
