@@ -211,11 +211,11 @@ class ImagesBodyRewriter:
             self._put(b"[")
             self._stack.append([False, None])
             self._state = _VALUE
-            if top_key == b"data" and not self._in_data:
+            # Only the first: with items_only, a second would drop what the first left
+            # unreleased in this chunk (and a body has one data array).
+            if top_key == b"data" and not self.decided:
                 self._in_data = True
-                self._emit = True
-                if not self.decided:
-                    self.decided = True
+                self.decided = True
                 if self._items_only:
                     self._take()
         elif c == 0x22:  # "

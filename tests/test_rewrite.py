@@ -76,12 +76,12 @@ def outcome(chunks: Iterable[bytes], **options: Any) -> tuple[bytes, str | None]
 
 
 def without_prefix(value: str) -> str:
-    if not value.startswith("data:"):
+    """``value`` without a ``data:<mime>;base64,`` prefix of at most ``MAX_PREFIX`` bytes
+    (as UTF-8; the bodies here write the prefixes that long without escapes)."""
+    end = value.find(";base64,") + len(";base64,")
+    if not value.startswith("data:") or end < len(";base64,"):
         return value
-    end = value.find(";base64,")
-    if end < 0 or end + len(";base64,") > MAX_PREFIX:
-        return value
-    return value[end + len(";base64,") :]
+    return value[end:] if len(value[:end].encode()) <= MAX_PREFIX else value
 
 
 def reference_items(body: dict[str, Any], strip: bool) -> list[Any]:
@@ -310,6 +310,16 @@ def test_items_only_releases_no_whitespace_of_the_array() -> None:
     assert rewrite([b'{"data":[ \n ]}'], items_only=True)[0] == b""
     out, _ = rewrite([b'{"data": [\n  {"url": "a"} ,\n  {"url": "b"}\n]}'], items_only=True)
     assert out == b'{"url": "a"},{"url": "b"}'
+
+
+def test_only_the_first_data_array_holds_the_images() -> None:
+    """A second top-level ``data`` array made items_only drop the first one's items
+    when both came in one chunk, and keep them when cut between."""
+    body = b'{"data":[{"url":"a"}],"data":[{"url":"b"}]}'
+    for chunks in ([body], [body[:22], body[22:]]):
+        out, rewriter = rewrite(chunks, items_only=True)
+        assert (out, rewriter.images) == (b'{"url":"a"}', 1)
+        assert rewrite(chunks)[0] == body[:-1] + b',"created":%d}' % CREATED
 
 
 def test_a_body_without_data_is_refused() -> None:
