@@ -7,14 +7,14 @@ from the policy's text fields plus the image parts, streamed with a known length
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
-from starlette.formparsers import MultiPartException
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope
 
@@ -96,6 +96,39 @@ def sniff(upload: UploadFile) -> str | None:
     return None
 
 
+class _FormParser(MultiPartParser):
+    """Starlette's parser, refusing a body that stops before its closing boundary.
+
+    python-multipart takes such a body as complete and drops its unfinished last part:
+    three images sent, the third cut, would reach the upstream (and be billed) as two.
+    """
+
+    def __init__(
+        self, headers: Headers, stream: AsyncGenerator[bytes, None], **limits: int
+    ) -> None:
+        self._ended = False
+        super().__init__(headers, self._to_the_end(stream), **limits)
+
+    def on_end(self) -> None:
+        self._ended = True
+
+    async def _to_the_end(self, stream: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        async for chunk in stream:
+            yield chunk
+        if not self._ended:
+            # Raised within the parse, so that the parser closes the files it opened.
+            raise MultiPartException("it ended before its closing boundary")
+
+
+def _check_text(text: str) -> None:
+    """A name or value must be text a UTF-8 body can carry: the parser decodes by the
+    form's ``charset``, and ``unicode_escape`` or ``utf-7`` make lone surrogates."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidRequest("The form's text is not valid Unicode; send it as UTF-8.") from None
+
+
 async def read_form(
     scope: Scope, receive: Receive, headers: Mapping[str, str], policy: PolicySettings
 ) -> EditForm:
@@ -103,7 +136,8 @@ async def read_form(
     declared = decimal(headers.get("content-length", ""))
     if declared is not None and declared > limit:
         raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
-    if not headers.get("content-type", "").startswith("multipart/form-data"):
+    content_type = headers.get("content-type", "")
+    if content_type.partition(";")[0].strip().lower() != "multipart/form-data":
         raise InvalidRequest("Image edits take a multipart/form-data body.")
     received = 0
 
@@ -117,19 +151,26 @@ async def read_form(
             raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
         return message
 
-    request = Request(scope, bounded)
     try:
-        form = await request.form(
-            max_files=policy.max_edit_images + 2, max_fields=32, max_part_size=1024 * 1024
-        )
-    except (MultiPartException, HTTPException, ValueError) as exc:
-        detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or str(exc)
+        async with contextlib.aclosing(Request(scope, bounded).stream()) as body:
+            parser = _FormParser(
+                Headers({"content-type": content_type}),
+                body,
+                max_files=policy.max_edit_images + 2,
+                max_fields=32,
+                max_part_size=1024 * 1024,
+            )
+            form = await parser.parse()
+    except (MultiPartException, ValueError) as exc:
+        detail = getattr(exc, "message", None) or str(exc)
         raise InvalidRequest(f"The multipart body could not be read: {detail}") from None
     fields: dict[str, str] = {}
     images: list[tuple[str, UploadFile]] = []
     try:
         for name, value in form.multi_items():
+            _check_text(name)
             if isinstance(value, str):
+                _check_text(value)
                 if name in fields:
                     raise InvalidRequest(f"The field {name!r} was sent twice.", param=name)
                 fields[name] = value

@@ -11,9 +11,13 @@ string boundaries, jumping through long strings with a regex search, so a 20 MB
 
 Nothing is released until the top-level ``data`` array has begun: an upstream 200 that
 carries ``{"error": …}`` is detected before a byte reaches the client. With
-``items_only`` the output is just the array's items, for merging several answers.
-Held bytes are bounded by ``max_preamble``; after the decision only a partial prefix
-(≤ 128 bytes) or a partial key is carried between chunks.
+``items_only`` the output is just the array's items and the commas between them, no
+whitespace, for merging several answers.
+
+Held bytes are bounded by ``max_preamble``; after the decision at most ``MAX_CARRIED``
+bytes (a partial prefix, shorter than ``MAX_PREFIX``, and the last key, cut to
+``MAX_KEY + 1``) are carried between chunks. Nesting deeper than ``MAX_DEPTH`` is
+malformed: every level costs memory, and no images body goes past a handful.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from typing import Any
 
 import orjson
 
-MAX_PREFIX = 128
+MAX_PREFIX = 128  # the longest ``data:<mime>;base64,`` stripped, ``;base64,`` included
 MAX_KEY = 64
+MAX_DEPTH = 32
+MAX_CARRIED = MAX_PREFIX + MAX_KEY
 _WHITESPACE = re.compile(rb"[ \t\r\n]*")
 _SCALAR = re.compile(rb"[^,\]} \t\r\n]*")
 _PREFIX_END = b";base64,"
@@ -64,7 +70,7 @@ class ImagesBodyRewriter:
         self._stack: list[list[Any]] = []
         self._top_keys: set[bytes] = set()
         self._in_data = False  # inside the top-level data array's brackets
-        self._emit = not items_only
+        self._emit = True  # held until the decision, and kept for an error object
         self._string_kind = ""  # "key", "prefix" (a b64_json value being checked), "value"
         self._escape = False
         self._key = bytearray()
@@ -75,6 +81,10 @@ class ImagesBodyRewriter:
     def held_bytes(self) -> int:
         pending = self._held if not self.decided else 0
         return pending + len(self._prefix) + len(self._key)
+
+    @property
+    def depth(self) -> int:
+        return len(self._stack)
 
     def _take(self) -> bytes:
         out = b"".join(self._out)
@@ -134,7 +144,8 @@ class ImagesBodyRewriter:
                 continue
             end = _WHITESPACE.match(buf, i).end()  # type: ignore[union-attr]
             if end > i:
-                self._put(buf[i:end])
+                if not (self._items_only and self._in_data and len(self._stack) == 2):
+                    self._put(buf[i:end])
                 i = end
                 continue
             c = buf[i]
@@ -189,6 +200,9 @@ class ImagesBodyRewriter:
         if depth == 2 and self._in_data:
             self.images += 1
         top_key = self._stack[0][1] if depth == 1 else None
+        if c in (0x7B, 0x5B) and depth >= MAX_DEPTH:
+            self._malformed = True
+            return
         if c == 0x7B:  # {
             self._put(b"{")
             self._stack.append([True, None])
@@ -197,11 +211,11 @@ class ImagesBodyRewriter:
             self._put(b"[")
             self._stack.append([False, None])
             self._state = _VALUE
-            if top_key == b"data" and not self._in_data:
+            # Only the first: with items_only, a second would drop what the first left
+            # unreleased in this chunk (and a body has one data array).
+            if top_key == b"data" and not self.decided:
                 self._in_data = True
-                self._emit = True
-                if not self.decided:
-                    self.decided = True
+                self.decided = True
                 if self._items_only:
                     self._take()
         elif c == 0x22:  # "
@@ -259,8 +273,8 @@ class ImagesBodyRewriter:
         if kind == "value":
             self._put(data)
         elif kind == "key":
-            if len(self._key) <= MAX_KEY:
-                self._key += data[: MAX_KEY + 1]
+            # Longer keys are cut to MAX_KEY + 1 bytes: still unequal to every key looked for.
+            self._key += data[: MAX_KEY + 1 - len(self._key)]
             self._put(data)
         else:
             self._prefix += data
@@ -270,12 +284,12 @@ class ImagesBodyRewriter:
         p = self._prefix
         if not (b"data:".startswith(p) if len(p) < 5 else p.startswith(b"data:")):
             return self._give_up_prefix()
-        end = p.find(_PREFIX_END, 0, MAX_PREFIX + len(_PREFIX_END))
+        end = p.find(_PREFIX_END, 0, MAX_PREFIX)
         if end >= 0:
             self._put(bytes(p[end + len(_PREFIX_END) :]))
             self._prefix.clear()
             self._string_kind = "value"
-        elif final or len(p) > MAX_PREFIX + len(_PREFIX_END):
+        elif final or len(p) >= MAX_PREFIX:
             self._give_up_prefix()
         return None
 

@@ -137,6 +137,37 @@ def test_edit_with_a_unicode_digit_n_is_400_and_not_billed(proxy: Proxy, fake: A
     assert usage.json()["today"]["spent_usd"] == 0
 
 
+def misread_form(how: str) -> tuple[bytes, str]:
+    """A body and content type that the form parser alone would misread."""
+    png = make_png()
+    files = [("image", ("a.png", png, "image/png")), ("image", ("b.png", png, "image/png"))]
+    prompt = "\\ud800" if how == "surrogates" else "x"
+    request = httpx.Request("POST", "http://x/", data={"prompt": prompt}, files=files)
+    body, content_type = request.read(), request.headers["content-type"]
+    if how == "surrogates":  # decodes to a lone surrogate no UTF-8 body can carry
+        return body, content_type.replace("; ", "; charset=unicode_escape; ")
+    return body[: body.rindex(b"\r\n--") - 10], content_type  # the last image cut short
+
+
+@pytest.mark.parametrize("how", ["surrogates", "cut short"])
+def test_an_edit_form_the_parser_would_misread_is_400_and_not_billed(
+    proxy: Proxy, fake: Any, how: str
+) -> None:
+    key = proxy.new_key()
+    body, content_type = misread_form(how)
+    response = httpx.post(
+        proxy.url + "/v1/images/edits",
+        headers={"authorization": f"Bearer {key}", "content-type": content_type},
+        content=body,
+        timeout=10,
+    )
+    assert_openai_error(response, 400)
+    assert billing(fake[1]) == {"images_billed": 0, "requests": []}
+    usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {key}"})
+    assert usage.json()["today"]["requests"] == 0
+    assert usage.json()["today"]["held_usd"] == usage.json()["today"]["spent_usd"] == 0
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: (

@@ -356,6 +356,23 @@ def test_fanout_with_every_call_failed_is_released(
     assert_money(proxy, key, spent=0)
 
 
+def test_fanout_whose_answers_are_errors_in_200_is_released(
+    fake: Fake, start_proxy: Callable[..., Proxy]
+) -> None:
+    # Each call's error object must reach the outcome: a 200 carrying one billed nothing.
+    proxy = start_proxy(fake[1].url, policy={"n": "fanout"})
+    key = proxy.new_key()
+    httpx.post(
+        proxy.url + GENERATIONS,
+        json={"prompt": "[fake:error200] three", "n": 3},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert len(billing(fake[1])["requests"]) == 3
+    assert billing(fake[1])["images_billed"] == 0
+    assert_money(proxy, key, spent=0)
+
+
 def test_strip_sends_one_call_and_bills_once(fake: Fake, start_proxy: Callable[..., Proxy]) -> None:
     proxy = start_proxy(fake[1].url, policy={"n": "strip"})
     key = proxy.new_key()
