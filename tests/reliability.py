@@ -45,6 +45,7 @@ SCENARIOS = (
         "a clear OpenAI-shaped 4xx, never a 500; nothing reaches the upstream or holds money",
         (
             "test_bad_input.py::*",
+            "test_edits.py::*",
             "test_policy.py::test_any_*",
             "test_policy.py::test_what_passes_*",
             "test_policy.py::test_*_is_400*",
@@ -102,7 +103,6 @@ SCENARIOS = (
             "test_sdk.py::test_upstream_*",
             "test_streaming.py::*",
             "test_rewrite.py::*",
-            "test_edits.py::*",
         ),
     ),
     Scenario(
