@@ -47,7 +47,11 @@ def main(argv: list[str]) -> None:
     # given instead of folders is run once (to reproduce a crash).
     inputs = [arg for arg in flags if not arg.startswith("-")]
     flags = [arg for arg in flags if arg.startswith("-")]
-    target.main([argv[0], *flags, *(inputs or [str(corpus), str(seeds)])])
+    import atheris  # the targets import it too; --lines runs without fuzzing
+
+    target.prepare()
+    atheris.Setup([argv[0], *flags, *(inputs or [str(corpus), str(seeds)])], target.test_one_input)
+    atheris.Fuzz()
 
 
 def report_lines(target: ModuleType, folders: list[Path]) -> None:

@@ -157,13 +157,3 @@ def prepare() -> None:
     logging.disable(logging.CRITICAL)  # python-multipart logs every malformed body
     warnings.simplefilter("always", ResourceWarning)
     sys.unraisablehook = _record
-
-
-def main(argv: list[str]) -> None:
-    prepare()
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
-
-
-if __name__ == "__main__":
-    main(sys.argv)

@@ -10,7 +10,6 @@ the result must be the reference edit of ``tests/test_rewrite.py``.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import atheris
@@ -145,13 +144,3 @@ def seeds() -> list[bytes]:
 
 def prepare() -> None:
     """Nothing to set up: the rewriter is pure."""
-
-
-def main(argv: list[str]) -> None:
-    prepare()
-    atheris.Setup(argv, test_one_input)
-    atheris.Fuzz()
-
-
-if __name__ == "__main__":
-    main(sys.argv)
