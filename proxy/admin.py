@@ -5,7 +5,6 @@ Keys are created with their secret shown once; listing shows ``sk-…abcd`` only
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import replace
 from typing import Any
 
@@ -13,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .auth import Authenticator, bearer_token
+from .auth import Authenticator, bears
 from .config import Settings
 from .errors import InvalidRequest, NotFound, ProxyError, Unauthorized
 from .exchange import exchange_of
@@ -72,8 +71,7 @@ class Admin:
             try:
                 if not token:
                     raise NotFound("The admin API is off (no admin token configured).")
-                given = bearer_token(request.headers) or ""
-                if not hmac.compare_digest(given.encode(), token.encode()):
+                if not bears(request.headers, token):
                     raise Unauthorized(
                         "This route needs the admin token.", code="invalid_admin_token"
                     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -17,7 +16,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admin import Admin, error_response, json_response
-from .auth import Authenticator, bearer_token
+from .auth import Authenticator, bears
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, StoreUnavailable, Unauthorized
 from .exchange import ExchangeMiddleware, exchange_of
@@ -92,12 +91,11 @@ def create_app(
             return error_response(error)
         return json_response({"status": "ready"})
 
-    metrics_token = (settings.auth.metrics_token or "").encode()
+    metrics_token = settings.auth.metrics_token
 
     async def metrics_endpoint(request: Request) -> Response:
         exchange_of(request.scope).route = "/metrics"
-        given = (bearer_token(request.headers) or "").encode()
-        if metrics_token and not hmac.compare_digest(given, metrics_token):
+        if metrics_token and not bears(request.headers, metrics_token):
             return error_response(
                 Unauthorized("/metrics needs the metrics token.", code="invalid_metrics_token")
             )

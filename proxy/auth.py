@@ -59,6 +59,13 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     return token.strip()
 
 
+def bears(headers: Mapping[str, str], token: str) -> bool:
+    """Whether the request carries ``token`` as its bearer token (compared in constant
+    time): the admin token for /admin, the metrics token for /metrics."""
+    given = bearer_token(headers) or ""
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
 class Authenticator:
     def __init__(
         self,
