@@ -66,6 +66,7 @@ _KEY_SHAPED = re.compile(r"\b(sk|pk|rk|key|tok)[-_][A-Za-z0-9_-]{6,}", re.IGNORE
 _TOKEN = re.compile(r"[A-Za-z0-9+/_=-]{32,}")
 _IP_LIKE = re.compile(r"\[?[0-9a-f:.]*[:.][0-9a-f:.]+\]?(?::[0-9]{1,5})?", re.IGNORECASE)
 _HOST = re.compile(r"\b(?:[a-z0-9-]+\.)+[a-z][a-z0-9-]*(?::[0-9]{1,5})?\b", re.IGNORECASE)
+_LOCALHOST = re.compile(r"\blocalhost(?::[0-9]{1,5})?\b", re.IGNORECASE)
 _HOST_TLDS = frozenset(
     "com net org io cn ai dev app cloud internal local lan corp svc cluster localdomain".split()
 )
@@ -102,7 +103,10 @@ class Scrubber:
 
     def __init__(self, secrets: tuple[str | None, ...] = (), addresses: tuple[str, ...] = ()):
         self._secrets = tuple(s for s in secrets if s)
-        self._addresses = tuple(a for a in addresses if a)
+        # The proxy's own upstream address, with or without a port (compiled once).
+        self._addresses = tuple(
+            re.compile(re.escape(a) + r"(?::[0-9]{1,5})?", re.IGNORECASE) for a in addresses if a
+        )
 
     def text(self, value: object, extra: tuple[str | None, ...] = ()) -> str:
         text = value if isinstance(value, str) else ""
@@ -111,14 +115,13 @@ class Scrubber:
             text = text.replace(secret, HIDDEN)
         text = _URL.sub(ADDRESS, text)
         for address in self._addresses:
-            pattern = re.escape(address) + r"(?::[0-9]{1,5})?"
-            text = re.sub(pattern, ADDRESS, text, flags=re.IGNORECASE)
+            text = address.sub(ADDRESS, text)
         text = _BEARER.sub(lambda m: m[1] + m[2] + HIDDEN, text)
         text = _KEY_SHAPED.sub(HIDDEN, text)
         text = _TOKEN.sub(HIDDEN, text)
         text = _IP_LIKE.sub(_address_or_text, text)
         text = _HOST.sub(_host_or_text, text)
-        text = re.sub(r"\blocalhost(?::[0-9]{1,5})?\b", ADDRESS, text, flags=re.IGNORECASE)
+        text = _LOCALHOST.sub(ADDRESS, text)
         return text[:MESSAGE_LIMIT]
 
 
