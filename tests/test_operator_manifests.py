@@ -33,8 +33,8 @@ COMMAND = "python deploy/prometheus/operator_manifests.py"
 RULE = OPERATOR / "prometheusrule.yaml"
 MONITOR = OPERATOR / "servicemonitor.yaml"
 JOB = "apiyi-proxy"
-# A commented-out YAML line inside the ServiceMonitor: `# authorization:` or a key under it.
-COMMENTED_YAML = re.compile(r"^(?P<indent> +)# (?P<yaml>authorization:.*|  .*)$", re.MULTILINE)
+# The commented-out `patches:` block of a kustomization, up to its first uncommented line.
+COMMENTED_PATCHES = re.compile(r"^# patches:\n(?:#(?: .*)?\n)*", re.MULTILINE)
 
 
 def generator() -> ModuleType:
@@ -199,25 +199,44 @@ def test_service_monitor_scrapes_like_prometheus_yml() -> None:
     assert rule_jobs == {job_label}
 
 
-def test_service_monitor_metrics_token_example_uses_the_proxys_secret() -> None:
-    text = MONITOR.read_text(encoding="utf-8")
-    uncommented = COMMENTED_YAML.sub(r"\g<indent>\g<yaml>", text)
-    assert uncommented != text, "no commented authorization in the ServiceMonitor"
-    with_token = yaml.safe_load(uncommented)
-    authorization = only_endpoint(with_token).pop("authorization")
-    # Uncommented, the block lands in the endpoint and changes nothing else.
-    assert with_token == load(MONITOR)
+def uncommented_patches(kustomization: str) -> list[dict[str, Any]]:
+    """The commented-out `patches:` of a kustomization, as they read once uncommented."""
+    block = COMMENTED_PATCHES.search(kustomization)
+    assert block is not None, "no commented patches: in the kustomization"
+    patches = yaml.safe_load(re.sub(r"^# ", "", block.group(0), flags=re.MULTILINE))["patches"]
+    assert isinstance(patches, list)
+    return patches
+
+
+def json_patch_add(document: Any, pointer: str, value: Any) -> None:
+    """RFC 6902 `add` of one value (all the token patch uses)."""
+    *parents, last = pointer.removeprefix("/").split("/")
+    for part in parents:
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    assert isinstance(document, dict), f"{pointer}: not a key of a mapping"
+    document[last] = value
+
+
+def test_service_monitor_metrics_token_patch_uses_the_proxys_secret() -> None:
+    monitor = load(MONITOR)
+    [patch] = uncommented_patches((OPERATOR / "kustomization.yaml").read_text(encoding="utf-8"))
+    target = patch["target"]
+    assert (target["kind"], target["name"]) == (monitor["kind"], monitor["metadata"]["name"])
+    for operation in yaml.safe_load(patch["patch"]):
+        assert operation["op"] == "add"
+        json_patch_add(monitor, operation["path"], operation["value"])
+    authorization = only_endpoint(monitor)["authorization"]
     assert authorization["type"] == "Bearer"
     credentials = authorization["credentials"]
     assert config.SECRET_ENV[credentials["key"]] == ("auth", "metrics_token")
     # The Secret the Deployment already takes its other secrets from.
-    deployment = next(o for o in kustomized(K8S) if o["kind"] == "Deployment")
+    objects = kustomized(K8S)
+    [deployment] = [o for o in objects if (o["kind"], o["metadata"]["name"]) == ("Deployment", JOB)]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     secrets = {v["valueFrom"]["secretKeyRef"]["name"] for v in container["env"] if "valueFrom" in v}
     assert secrets == {credentials["name"]}
     assert any(
-        o["kind"] == "Secret" and o["metadata"]["name"] == credentials["name"]
-        for o in kustomized(K8S)
+        o["kind"] == "Secret" and o["metadata"]["name"] == credentials["name"] for o in objects
     )
 
 

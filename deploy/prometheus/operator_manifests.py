@@ -35,8 +35,6 @@ MONITOR_FILE = "servicemonitor.yaml"
 JOB = "apiyi-proxy"
 # The Service label whose value becomes the job label (the operator's jobLabel).
 JOB_LABEL = "app.kubernetes.io/name"
-# The proxy reads the optional /metrics bearer token from this variable.
-METRICS_TOKEN_ENV = "APIYI_PROXY_METRICS_TOKEN"
 # Prometheus's own defaults, for a prometheus.yml that leaves them out.
 DEFAULT_INTERVAL = "1m"
 DEFAULT_TIMEOUT = "10s"
@@ -51,7 +49,6 @@ class Sources:
     alerts: Path = DEPLOY / "prometheus" / "alerts.yml"
     prometheus: Path = DEPLOY / "prometheus" / "prometheus.yml"
     service: Path = DEPLOY / "kubernetes" / "service.yaml"
-    secret: Path = DEPLOY / "kubernetes" / "secret.yaml"
 
 
 class _Dumper(yaml.SafeDumper):
@@ -140,7 +137,6 @@ def _scrape_job(sources: Sources) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def service_monitor(sources: Sources) -> str:
     service = _one(_objects(sources.service), "Service", sources.service, JOB)
-    secret = _one(_objects(sources.secret), "Secret", sources.secret)
     labels = service["metadata"]["labels"]
     if labels.get(JOB_LABEL) != JOB:
         raise SourceError(f"{_display(sources.service)}: label {JOB_LABEL} is not {JOB!r}")
@@ -158,28 +154,15 @@ def service_monitor(sources: Sources) -> str:
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": {"name": JOB, "labels": labels},
-        # The endpoints come last: the commented authorization below belongs to the one
-        # endpoint, at its indentation.
         "spec": {
             "jobLabel": JOB_LABEL,
             "selector": {"matchLabels": labels},
             "endpoints": [endpoint],
         },
     }
-    token = (
-        f"With {METRICS_TOKEN_ENV} set on the proxies (add it to the Secret\n"
-        f"{secret['metadata']['name']} and to the Deployment's env like the other secrets),\n"
-        "scrape with the same token:\n"
-        "authorization:\n"
-        "  type: Bearer\n"
-        "  credentials:\n"
-        f"    name: {secret['metadata']['name']}\n"
-        f"    key: {METRICS_TOKEN_ENV}\n"
-    )
-    commented = "".join(f"      # {line}\n" for line in token.splitlines())
-    return (
-        _header(sources.prometheus, sources.service, sources.secret) + _dump(document) + commented
-    )
+    # A metrics token is switched on in kustomization.yaml, which is not generated.
+    token = "# A /metrics token (APIYI_PROXY_METRICS_TOKEN): see the patch in kustomization.yaml.\n"
+    return _header(sources.prometheus, sources.service) + token + _dump(document)
 
 
 def render(sources: Sources) -> dict[str, str]:
