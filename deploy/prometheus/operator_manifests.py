@@ -87,10 +87,8 @@ def _header(*made_from: Path) -> str:
 
 
 def _load(path: Path) -> Any:
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise SourceError(f"{_display(path)}: {exc}") from exc
+    documents = _objects(path)
+    return documents[0] if documents else None
 
 
 def _one(documents: list[Any], kind: str, path: Path, name: str | None = None) -> Any:
