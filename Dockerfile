@@ -7,10 +7,11 @@ ARG PYTHON_IMAGE=python:3.11.9-slim-bookworm
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY proxy ./proxy
-# The project's wheel and every dependency's, so the runtime installs offline.
-RUN pip wheel --wheel-dir /wheels .
+# The project's wheel and every dependency's, at the versions constraints.txt pins, so the
+# runtime installs offline exactly what the tests ran with.
+RUN pip wheel --constraint constraints.txt --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +22,8 @@ RUN groupadd --system --gid 10001 proxy \
     && useradd --system --uid 10001 --gid proxy --no-create-home \
        --home-dir /nonexistent --shell /usr/sbin/nologin proxy
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install --no-index --find-links=/wheels apiyi-proxy
+    --mount=type=bind,source=constraints.txt,target=/tmp/constraints.txt \
+    pip install --no-index --find-links=/wheels --constraint /tmp/constraints.txt apiyi-proxy
 # config/proxy.yaml under the working directory is read if mounted there;
 # otherwise point APIYI_PROXY_CONFIG at the file.
 WORKDIR /app
