@@ -173,6 +173,14 @@ def _key_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", dest="models", help="allowed model (repeat)")
 
 
+LIMIT_HELP = {
+    "daily_usd": "budget per day in USD (0 allows nothing, none: no limit)",
+    "monthly_usd": "budget per month in USD (0 allows nothing, none: no limit)",
+    "rpm": "requests per minute (none: no limit)",
+    "concurrency": "calls at once (none: no limit)",
+}
+
+
 def _limit_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
     """One flag per limit: a number, 0 (allows nothing) or none (no limit); a flag
     left out leaves the limit as it is."""
@@ -184,6 +192,7 @@ def _limit_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> No
             type=_limit_flag(usd_to_micros if usd else whole_count),
             default=argparse.SUPPRESS,
             metavar="USD|none" if usd else "N|none",
+            help=LIMIT_HELP.get(name),
         )
 
 
