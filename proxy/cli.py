@@ -1,7 +1,9 @@
-"""``apiyi-proxy``: serve, fake-upstream, keys, teams, usage, check-config.
+"""The apiyi-proxy command: serve, fake-upstream, keys, teams, usage, check-config.
 
 One flag maps to one settings field; everything else comes from the config file and
-the environment (see ``proxy.config``).
+the environment (see proxy.config). The keys, teams and usage commands work through a
+running proxy's admin API when given its address (--url or APIYI_PROXY_URL), whatever
+its store; without one, directly on a shared (Redis) store.
 """
 
 from __future__ import annotations
@@ -10,14 +12,16 @@ import argparse
 import asyncio
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
 import orjson
 import yaml
 
+from . import __version__
 from . import config as config_module
+from .admin_client import AdminAPIError, AdminClient
 from .config import ConfigError, Settings
 from .keys import KeyHasher, issue_key
 from .limits import (
@@ -31,6 +35,16 @@ from .limits import (
 )
 from .store import Limits, Store, Team, open_store
 
+DESCRIPTION = (
+    "An OpenAI-compatible, validating reverse proxy for the apiyi image API. "
+    "Start with: apiyi-proxy serve --fake-upstream"
+)
+EPILOG = (
+    "The keys, teams and usage commands reach a running proxy through its admin API "
+    "when given its address (--url or APIYI_PROXY_URL) and its admin token "
+    "(APIYI_PROXY_ADMIN_TOKEN); without an address they work directly on a redis:// store."
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -39,12 +53,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"apiyi-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    except AdminAPIError as exc:
+        print(f"apiyi-proxy: {exc}", file=sys.stderr)
+        # A request the proxy found wrong is the caller's to fix, as a bad flag is.
+        return 2 if exc.status in (400, 409, 422) else 1
     except KeyboardInterrupt:
         return 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apiyi-proxy", description=__doc__)
+    parser = argparse.ArgumentParser(prog="apiyi-proxy", description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the proxy")
@@ -78,42 +97,75 @@ def _parser() -> argparse.ArgumentParser:
         "--fake-upstream",
         action="store_true",
         default=None,
-        help="check the settings of `serve --fake-upstream`",
+        help="check the settings of serve --fake-upstream",
     )
     check.set_defaults(run=_check_config)
 
-    keys = commands.add_parser("keys", help="manage client keys in the store")
-    keys.add_argument("--config")
+    keys = commands.add_parser(
+        "keys", help="manage client keys", description=STORE_COMMANDS, epilog=EPILOG
+    )
+    _where_flags(keys)
     key_commands = keys.add_subparsers(required=True, metavar="ACTION")
     create = key_commands.add_parser("create", help="issue a key (shown once)")
     create.add_argument("--name", required=True)
     create.add_argument("--team", type=_team_flag)
     _key_flags(create)
+    _where_flags(create)
     create.set_defaults(run=_keys_create)
     listing = key_commands.add_parser("list", help="list keys")
+    _where_flags(listing)
     listing.set_defaults(run=_keys_list)
     revoke = key_commands.add_parser("revoke", help="revoke a key")
     revoke.add_argument("key_id")
+    _where_flags(revoke)
     revoke.set_defaults(run=_keys_revoke)
     update = key_commands.add_parser("update", help="change a key's name, team or limits")
     update.add_argument("key_id")
     update.add_argument("--name")
     update.add_argument("--team", type=_team_flag, help="only to confirm it: fixed at creation")
     _key_flags(update)
+    _where_flags(update)
     update.set_defaults(run=_keys_update)
 
-    teams = commands.add_parser("teams", help="set a team's budgets")
-    teams.add_argument("--config")
+    teams = commands.add_parser(
+        "teams", help="set a team's budgets", description=STORE_COMMANDS, epilog=EPILOG
+    )
     teams.add_argument("name", type=_team_flag)
     _limit_flags(teams, TEAM_LIMIT_FIELDS)
+    _where_flags(teams)
     teams.set_defaults(run=_teams_set)
 
-    usage = commands.add_parser("usage", help="spend per key and team, today and this month")
-    usage.add_argument("--config")
+    usage = commands.add_parser(
+        "usage",
+        help="spend per key and team, today and this month",
+        description=STORE_COMMANDS,
+        epilog=EPILOG,
+    )
     usage.add_argument("--key")
     usage.add_argument("--team")
+    _where_flags(usage)
     usage.set_defaults(run=_usage)
     return parser
+
+
+STORE_COMMANDS = "Works through a running proxy (--url), or directly on a redis:// store."
+
+
+def _where_flags(parser: argparse.ArgumentParser) -> None:
+    """--url and --config, taken before or after the action (keys --url U list, or
+    keys list --url U): suppressed defaults, so a level that does not see them keeps
+    what another level read."""
+    parser.add_argument(
+        "--url",
+        default=argparse.SUPPRESS,
+        help="a running proxy's address, to work through its admin API "
+        "(default: $APIYI_PROXY_URL; the token comes from $APIYI_PROXY_ADMIN_TOKEN)",
+    )
+    parser.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        help="YAML config file, to work on its store directly (default: $APIYI_PROXY_CONFIG)",
+    )
 
 
 def _key_flags(parser: argparse.ArgumentParser) -> None:
@@ -121,8 +173,16 @@ def _key_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", action="append", dest="models", help="allowed model (repeat)")
 
 
+LIMIT_HELP = {
+    "daily_usd": "budget per day in USD (0 allows nothing, none: no limit)",
+    "monthly_usd": "budget per month in USD (0 allows nothing, none: no limit)",
+    "rpm": "requests per minute (none: no limit)",
+    "concurrency": "calls at once (none: no limit)",
+}
+
+
 def _limit_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> None:
-    """One flag per limit: a number, 0 (allows nothing) or ``none`` (no limit); a flag
+    """One flag per limit: a number, 0 (allows nothing) or none (no limit); a flag
     left out leaves the limit as it is."""
     for name in fields:
         usd = name.endswith("_usd")
@@ -132,6 +192,7 @@ def _limit_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...]) -> No
             type=_limit_flag(usd_to_micros if usd else whole_count),
             default=argparse.SUPPRESS,
             metavar="USD|none" if usd else "N|none",
+            help=LIMIT_HELP.get(name),
         )
 
 
@@ -171,12 +232,16 @@ def _settings(args: argparse.Namespace, **server: Any) -> Settings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import serve
+    from .server import CannotListen, serve
 
     settings = _settings(
         args, host=args.host, port=args.port, workers=args.workers, fake_upstream=args.fake_upstream
     )
-    serve(settings, config_path=args.config)
+    try:
+        serve(settings, config_path=args.config)
+    except CannotListen as error:
+        print(f"apiyi-proxy: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -209,15 +274,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
-# store commands ----------------------------------------------------------------------
+# keys, teams, usage --------------------------------------------------------------------
+# Each command is one direct action on a store and one call of the admin API, with the
+# same output: the admin API answers in the shapes the store's records print in.
+
+StoreAction = Callable[[Settings, Store], Awaitable[int]]
 
 
-def _with_store(args: argparse.Namespace, action: Any) -> int:
+def _run(
+    args: argparse.Namespace, direct: StoreAction, remote: Callable[[AdminClient], int]
+) -> int:
+    target = config_module.admin_target(getattr(args, "url", None))
+    if target is not None:
+        return remote(AdminClient(target))
+    return _with_store(args, direct)
+
+
+def _with_store(args: argparse.Namespace, action: StoreAction) -> int:
     settings = _settings(args)
-    if settings.store.url.startswith("memory"):
+    if not settings.store.shared:
+        server = settings.server
         print(
-            "apiyi-proxy: the memory:// store lives inside the server process; use the admin "
-            "API (POST /admin/keys) or configure a redis:// store (APIYI_PROXY_STORE_URL).",
+            "apiyi-proxy: the store is memory://, inside the running proxy; reach it "
+            f"through its admin API: --url http://{server.host}:{server.port} "
+            "(or APIYI_PROXY_URL) with APIYI_PROXY_ADMIN_TOKEN set to the proxy's admin "
+            "token. Or give the proxy a redis:// store (APIYI_PROXY_STORE_URL).",
             file=sys.stderr,
         )
         return 2
@@ -225,8 +306,7 @@ def _with_store(args: argparse.Namespace, action: Any) -> int:
     async def run() -> int:
         store = open_store(settings.store)
         try:
-            result: int = await action(settings, store)
-            return result
+            return await action(settings, store)
         finally:
             await store.close()
 
@@ -236,16 +316,28 @@ def _with_store(args: argparse.Namespace, action: Any) -> int:
 def _limits_from(
     args: argparse.Namespace, base: Limits, fields: tuple[str, ...] = KEY_LIMIT_FIELDS
 ) -> Limits:
-    """``base`` with the limits given on the command line (already checked by their flags)."""
+    """base with the limits given on the command line (already checked by their flags)."""
     return replace(base, **limit_changes(vars(args), fields))
+
+
+def _limit_body(args: argparse.Namespace, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The limits given on the command line, as the admin API takes them (none is null)."""
+    given = vars(args)
+    return {name: given[name] for name in fields if name in given}
 
 
 def _print(value: Any) -> None:
     print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
 
 
+def _shown_once(created: dict[str, Any]) -> int:
+    _print(created)
+    print("The key is shown this once; store it now.", file=sys.stderr)
+    return 0
+
+
 def _keys_create(args: argparse.Namespace) -> int:
-    async def action(settings: Settings, store: Store) -> int:
+    async def direct(settings: Settings, store: Store) -> int:
         secret, record = issue_key(
             KeyHasher(settings.auth.key_pepper),
             args.name,
@@ -258,23 +350,33 @@ def _keys_create(args: argparse.Namespace) -> int:
             # As the admin API does: a config team the store lost binds its new key.
             await store.seed_team(Team(args.team, seeds[args.team]))
         await store.add_key(record)
-        _print({**record.public(), "key": secret})
-        print("The key is shown this once; store it now.", file=sys.stderr)
-        return 0
+        return _shown_once({**record.public(), "key": secret})
 
-    return _with_store(args, action)
+    def remote(client: AdminClient) -> int:
+        body: dict[str, Any] = {"name": args.name, **_limit_body(args, KEY_LIMIT_FIELDS)}
+        if args.team:
+            body["team"] = args.team
+        if args.models:
+            body["models"] = args.models
+        return _shown_once(client.call("POST", "/admin/keys", body))
+
+    return _run(args, direct, remote)
 
 
 def _keys_list(args: argparse.Namespace) -> int:
-    async def action(settings: Settings, store: Store) -> int:
+    async def direct(settings: Settings, store: Store) -> int:
         _print([k.public() for k in await store.keys()])
         return 0
 
-    return _with_store(args, action)
+    def remote(client: AdminClient) -> int:
+        _print(client.listing("/admin/keys"))
+        return 0
+
+    return _run(args, direct, remote)
 
 
 def _keys_revoke(args: argparse.Namespace) -> int:
-    async def action(settings: Settings, store: Store) -> int:
+    async def direct(settings: Settings, store: Store) -> int:
         record = await store.update_key(args.key_id, revoked=True)
         if record is None:
             print(f"apiyi-proxy: no key {args.key_id}", file=sys.stderr)
@@ -282,11 +384,16 @@ def _keys_revoke(args: argparse.Namespace) -> int:
         _print(record.public())
         return 0
 
-    return _with_store(args, action)
+    def remote(client: AdminClient) -> int:
+        # PATCH rather than DELETE: it answers with the whole record, as printed here.
+        _print(client.call("PATCH", f"/admin/keys/{args.key_id}", {"revoked": True}))
+        return 0
+
+    return _run(args, direct, remote)
 
 
 def _keys_update(args: argparse.Namespace) -> int:
-    async def action(settings: Settings, store: Store) -> int:
+    async def direct(settings: Settings, store: Store) -> int:
         record = await store.key(args.key_id)
         if record is None:
             print(f"apiyi-proxy: no key {args.key_id}", file=sys.stderr)
@@ -304,11 +411,19 @@ def _keys_update(args: argparse.Namespace) -> int:
         _print(updated.public())
         return 0
 
-    return _with_store(args, action)
+    def remote(client: AdminClient) -> int:
+        body = _limit_body(args, KEY_LIMIT_FIELDS)
+        for name in ("name", "team", "models"):
+            if getattr(args, name):
+                body[name] = getattr(args, name)
+        _print(client.call("PATCH", f"/admin/keys/{args.key_id}", body))
+        return 0
+
+    return _run(args, direct, remote)
 
 
 def _teams_set(args: argparse.Namespace) -> int:
-    async def action(settings: Settings, store: Store) -> int:
+    async def direct(settings: Settings, store: Store) -> int:
         current = await store.team(args.name)
         base = current.limits if current else Limits()
         team = Team(args.name, _limits_from(args, base, TEAM_LIMIT_FIELDS))
@@ -316,23 +431,30 @@ def _teams_set(args: argparse.Namespace) -> int:
         _print(team.public())
         return 0
 
-    return _with_store(args, action)
+    def remote(client: AdminClient) -> int:
+        body = _limit_body(args, TEAM_LIMIT_FIELDS)
+        _print(client.call("PATCH", f"/admin/teams/{args.name}", body))
+        return 0
+
+    return _run(args, direct, remote)
 
 
 def _usage(args: argparse.Namespace) -> int:
-    async def action(settings: Settings, store: Store) -> int:
+    async def direct(settings: Settings, store: Store) -> int:
         from .ledger import Ledger
         from .metrics import Metrics
 
         periods = Ledger(store, settings, Metrics()).periods()
+        keys = await store.keys()
         rows: list[dict[str, Any]] = []
-        for key in await store.keys():
+        for key in keys:
             if (args.key and key.id != args.key) or (args.team and key.team != args.team):
                 continue
             day = await store.tally("key", key.id, periods.day)
             month = await store.tally("key", key.id, periods.month)
             rows.append({**key.public(), "today": day.as_usd(), "this_month": month.as_usd()})
-        teams = sorted({k.team for k in await store.keys() if k.team})
+        # As the admin API counts them: the teams of keys and the teams set on their own.
+        teams = sorted({k.team for k in keys if k.team} | {t.name for t in await store.teams()})
         team_rows = []
         for name in teams:
             if args.team and name != args.team:
@@ -343,4 +465,9 @@ def _usage(args: argparse.Namespace) -> int:
         _print({"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows})
         return 0
 
-    return _with_store(args, action)
+    def remote(client: AdminClient) -> int:
+        query = {name: getattr(args, name) for name in ("key", "team") if getattr(args, name)}
+        _print(client.call("GET", "/admin/usage", query=query))
+        return 0
+
+    return _run(args, direct, remote)

@@ -8,6 +8,8 @@ environment. This is the only module that reads ``os.environ``.
 Environment variables: the fixed names of SPEC section 9 (``APIYI_PROXY_UPSTREAM_URL``,
 ``APIYI_PROXY_STORE_URL``, ``APIYI_PROXY_AUTH_MODE``, ``APIYI_PROXY_N_POLICY``), and for
 any other field ``APIYI_PROXY_<SECTION>__<FIELD>`` (``APIYI_PROXY_SERVER__PORT=9000``).
+The command line also reads ``APIYI_PROXY_URL`` (``admin_target``): the running proxy
+whose admin API ``keys``, ``teams`` and ``usage`` use.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -29,6 +32,9 @@ from .redis_url import RedisTarget, RedisURLError
 ENV_PREFIX = "APIYI_PROXY_"
 STORE_SCHEMES = ("memory", "redis", "rediss", "redis+cluster", "redis+sentinel")
 DEFAULT_CONFIG_PATH = Path("config/proxy.yaml")
+# Where the command line finds a running proxy, and the token its admin API needs.
+PROXY_URL_ENV = "APIYI_PROXY_URL"
+ADMIN_TOKEN_ENV = "APIYI_PROXY_ADMIN_TOKEN"
 
 # Fixed environment names (SPEC section 9): name -> (section, field).
 FIXED_ENV = {
@@ -270,7 +276,7 @@ SECRET_FIELDS = (
 )
 SECRET_ENV = {
     "APIYI_API_KEY": ("upstream", "api_key"),
-    "APIYI_PROXY_ADMIN_TOKEN": ("auth", "admin_token"),
+    ADMIN_TOKEN_ENV: ("auth", "admin_token"),
     "APIYI_PROXY_KEY_PEPPER": ("auth", "key_pepper"),
     "APIYI_PROXY_METRICS_TOKEN": ("auth", "metrics_token"),
 }
@@ -327,6 +333,40 @@ def worker_environment(
     if path is not None:
         env[f"{ENV_PREFIX}CONFIG"] = os.fspath(path)
     return env
+
+
+@dataclass(frozen=True)
+class AdminTarget:
+    """A running proxy's admin API, as the command line reaches it."""
+
+    url: str
+    token: str = field(repr=False)
+
+
+def admin_target(
+    url: str | None = None, env: Mapping[str, str] | None = None
+) -> AdminTarget | None:
+    """The proxy that ``keys``, ``teams`` and ``usage`` talk to: ``url`` (``--url``), else
+    ``APIYI_PROXY_URL``; None when neither is set (they then work on the store itself)."""
+    env = os.environ if env is None else env
+    url = url or env.get(PROXY_URL_ENV) or None
+    if url is None:
+        return None
+    where = f"--url / {PROXY_URL_ENV}"
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: must be the proxy's http:// or https:// address")
+    if parts.username or parts.password:
+        raise ConfigError(
+            f"{where}: no credentials in the URL; the admin token comes from {ADMIN_TOKEN_ENV}"
+        )
+    path = parts.path.rstrip("/")
+    # The address clients use (OPENAI_BASE_URL, with /v1) names the same proxy.
+    path = path.removesuffix("/v1")
+    token = env.get(ADMIN_TOKEN_ENV) or ""
+    if not token:
+        raise ConfigError(f"{ADMIN_TOKEN_ENV}: set it to the proxy's admin token to use {where}")
+    return AdminTarget(urlunsplit((parts.scheme, parts.netloc, path, "", "")), token)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -1,18 +1,34 @@
-"""The command line: check-config, and keys/teams/usage against a real Redis store."""
+"""The command line: --version, help, check-config, and keys/teams/usage against a real
+Redis store and through a running proxy's admin API (memory and Redis stores)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from importlib import metadata
 from typing import Any
 
 import httpx
 import pytest
 
-from .conftest import ROOT, Proxy, RedisServer, billing
+from proxy import cli as cli_module
+
+from .conftest import (
+    ADMIN_TOKEN,
+    ROOT,
+    Proxy,
+    ProxyProcess,
+    RedisServer,
+    billing,
+    free_port,
+)
+
+PEPPER = "pepper-for-tests-0123456789abcdef"
+Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -57,44 +73,72 @@ def test_bad_config_exits_with_the_field_named() -> None:
     assert "server.port" in result.stderr
 
 
-def test_keys_need_a_shared_store() -> None:
-    result = cli("keys", "list")
+def test_version_is_the_package_version() -> None:
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"apiyi-proxy {metadata.version('apiyi-proxy')}\n"
+
+
+def command_paths(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every command and action of the parser, as the words that name it."""
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from command_paths(sub, (*path, name))
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    paths = list(command_paths(cli_module._parser()))
+    assert ("keys", "update") in paths and ("teams",) in paths  # the walk reaches the leaves
+    for path in paths:
+        with pytest.raises(SystemExit) as ended:
+            cli_module.main([*path, "--help"])
+        assert ended.value.code == 0
+        shown = capsys.readouterr().out
+        assert shown.startswith("usage: apiyi-proxy"), path
+        # No reST (or Markdown) markup: ``literal``, `role`, :role:`x`.
+        assert "`" not in shown, (path, shown)
+
+
+@pytest.mark.parametrize("command", [("keys", "list"), ("usage",), ("teams", "design")])
+def test_memory_store_commands_say_how_to_reach_the_proxy(command: tuple[str, ...]) -> None:
+    result = cli(*command)
     assert result.returncode == 2
-    assert "memory://" in result.stderr
+    message = result.stderr.strip()
+    assert len(message.splitlines()) == 1, message
+    assert "memory://" in message
+    assert "--url http://127.0.0.1:8080" in message
+    assert "APIYI_PROXY_URL" in message and "APIYI_PROXY_ADMIN_TOKEN" in message
+    assert "Traceback" not in result.stderr
 
 
-def test_keys_teams_and_usage_on_redis(redis_server: RedisServer) -> None:
-    env = {
-        "APIYI_PROXY_STORE_URL": redis_server.url,
-        "APIYI_PROXY_KEY_PEPPER": "pepper-for-tests-0123456789abcdef",
-    }
-    created = cli(
-        "keys",
-        "create",
-        "--name",
-        "bot",
-        "--team",
-        "design",
-        "--daily-usd",
-        "5",
-        "--rpm",
-        "30",
-        env=env,
+def exercise_store_commands(run: Run) -> None:
+    """keys create/list/update/revoke, teams and usage: one script, whatever reaches the store
+    (which may hold keys already: serve's first key on a memory store)."""
+    before = [k["id"] for k in json.loads(run("keys", "list").stdout)]
+    created = run(
+        "keys", "create", "--name", "bot", "--team", "design", "--daily-usd", "5", "--rpm", "30"
     )
     assert created.returncode == 0, created.stderr
     record: dict[str, Any] = json.loads(created.stdout)
     assert record["key"].startswith("sk-") and len(record["key"]) >= 46
     assert record["daily_usd"] == 5 and record["rpm"] == 30 and record["team"] == "design"
+    assert "shown this once" in created.stderr
 
-    listed = json.loads(cli("keys", "list", env=env).stdout)
-    assert [k["id"] for k in listed] == [record["id"]]
+    listed = json.loads(run("keys", "list").stdout)
+    assert [k["id"] for k in listed] == [*before, record["id"]]
     assert record["key"] not in json.dumps(listed)
-    assert listed[0]["display"] == "sk-…" + record["key"][-4:]
+    assert listed[-1]["display"] == "sk-…" + record["key"][-4:]
 
-    updated = json.loads(cli("keys", "update", record["id"], "--rpm", "60", env=env).stdout)
+    updated = json.loads(run("keys", "update", record["id"], "--rpm", "60").stdout)
     assert updated["rpm"] == 60 and updated["daily_usd"] == 5
+    renamed = json.loads(run("keys", "update", record["id"], "--name", "robot").stdout)
+    assert renamed["name"] == "robot" and renamed["rpm"] == 60
 
-    team = json.loads(cli("teams", "design", "--daily-usd", "50", env=env).stdout)
+    team = json.loads(run("teams", "design", "--daily-usd", "50").stdout)
     assert team == {
         "name": "design",
         "object": "proxy.team",
@@ -102,17 +146,137 @@ def test_keys_teams_and_usage_on_redis(redis_server: RedisServer) -> None:
         "monthly_usd": None,
     }
 
-    revoked = json.loads(cli("keys", "revoke", record["id"], env=env).stdout)
-    assert revoked["revoked"] is True
-    usage = json.loads(cli("usage", env=env).stdout)
-    assert usage["keys"][0]["today"]["spent_usd"] == 0
+    revoked = json.loads(run("keys", "revoke", record["id"]).stdout)
+    assert revoked["revoked"] is True and revoked["id"] == record["id"]
+    assert revoked["name"] == "robot"
+    usage = json.loads(run("usage").stdout)
+    assert [k["id"] for k in usage["keys"]] == [*before, record["id"]]
+    assert usage["keys"][-1]["today"]["spent_usd"] == 0
     assert usage["teams"][0]["team"] == "design"
     assert usage["teams"][0]["today"]["limit_usd"] == 50
+    only = json.loads(run("usage", "--team", "nobody").stdout)
+    assert only["keys"] == [] and only["teams"] == []
 
-    frozen = json.loads(cli("teams", "design", "--daily-usd", "0", env=env).stdout)
+    frozen = json.loads(run("teams", "design", "--daily-usd", "0").stdout)
     assert frozen["daily_usd"] == 0.0
-    lifted = json.loads(cli("teams", "design", "--daily-usd", "none", env=env).stdout)
+    lifted = json.loads(run("teams", "design", "--daily-usd", "none").stdout)
     assert lifted["daily_usd"] is None and lifted["monthly_usd"] is None
+
+
+def redis_env(redis: RedisServer) -> dict[str, str]:
+    return {"APIYI_PROXY_STORE_URL": redis.url, "APIYI_PROXY_KEY_PEPPER": PEPPER}
+
+
+def test_keys_teams_and_usage_on_redis(redis_server: RedisServer) -> None:
+    env = redis_env(redis_server)
+    exercise_store_commands(lambda *args: cli(*args, env=env))
+
+
+def through(url: str, *, token: str = ADMIN_TOKEN) -> Run:
+    """The CLI pointed at a proxy with --url; the token only in the environment."""
+    env = {"APIYI_PROXY_ADMIN_TOKEN": token}
+    return lambda *args: cli(*args, "--url", url, env=env)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def served(
+    request: pytest.FixtureRequest, proxy_process: Callable[..., ProxyProcess]
+) -> ProxyProcess:
+    """A real apiyi-proxy serve with the admin API on, over each store."""
+    env = {"APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN, "APIYI_PROXY_LOG__LEVEL": "warning"}
+    if request.param == "redis":
+        env |= redis_env(request.getfixturevalue("redis_server"))
+    return proxy_process(env, ["--fake-upstream"])
+
+
+def test_keys_teams_and_usage_through_the_admin_api(served: ProxyProcess) -> None:
+    exercise_store_commands(through(served.url))
+
+
+def test_proxy_url_from_the_environment(served: ProxyProcess) -> None:
+    env = {"APIYI_PROXY_URL": served.url + "/v1", "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN}
+    created = cli("keys", "create", "--name", "env", env=env)
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)["key"]
+    answer = httpx.post(
+        served.url + "/v1/images/generations",
+        json={"prompt": "p", "response_format": "url"},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+def test_admin_api_and_redis_store_print_the_same(
+    redis_server: RedisServer, proxy_process: Callable[..., ProxyProcess]
+) -> None:
+    env = redis_env(redis_server)
+    proxy = proxy_process(
+        {**env, "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN, "APIYI_PROXY_LOG__LEVEL": "warning"},
+        ["--fake-upstream"],
+    )
+    remote = through(proxy.url)
+
+    def direct(*args: str) -> subprocess.CompletedProcess[str]:
+        return cli(*args, env=env)
+
+    key_id = json.loads(remote("keys", "create", "--name", "a", "--team", "ops").stdout)["id"]
+    json.loads(direct("keys", "create", "--name", "b", "--monthly-usd", "9").stdout)
+    # A team with budgets of its own and no key yet.
+    assert direct("teams", "design", "--daily-usd", "3").returncode == 0
+    steps = [
+        ("keys", "list"),
+        ("usage",),
+        ("usage", "--team", "ops"),
+        ("keys", "update", key_id, "--rpm", "7", "--daily-usd", "none"),
+        ("teams", "ops", "--monthly-usd", "100"),
+        ("keys", "revoke", key_id),
+        ("keys", "list"),
+        ("usage",),
+    ]
+    for step in steps:
+        by_store, by_api = direct(*step), remote(*step)
+        assert by_store.returncode == by_api.returncode == 0, (step, by_store.stderr, by_api.stderr)
+        assert by_store.stdout == by_api.stdout, step
+
+
+def test_admin_api_errors_are_one_line(proxy_process: Callable[..., ProxyProcess]) -> None:
+    on = proxy_process({"APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN}, ["--fake-upstream"])
+    off = proxy_process({}, ["--fake-upstream"])
+    wrong = "wrong-token-for-tests-0123456789abcdef"
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    cases: list[tuple[Run, tuple[str, ...], int, str]] = [
+        (through(on.url, token=wrong), ("keys", "list"), 1, "answered 401"),
+        (
+            through(on.url),
+            ("keys", "revoke", "key_0000000000000000"),
+            1,
+            "answered 404: No such key",
+        ),
+        (
+            through(on.url),
+            ("keys", "create", "--name", "x", "--model", "dall-e-9"),
+            2,
+            "answered 400",
+        ),
+        (through(off.url), ("usage",), 1, "admin API is off"),
+        (through(nowhere), ("keys", "list"), 1, "connection refused"),
+    ]
+    for run, args, status, said in cases:
+        result = run(*args)
+        assert result.returncode == status, (args, result.stderr)
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("apiyi-proxy: "), result.stderr
+        assert said in lines[0], lines[0]
+        assert ADMIN_TOKEN not in result.stderr and wrong not in result.stderr
+
+
+def test_url_without_an_admin_token_names_the_variable() -> None:
+    result = cli("keys", "list", "--url", "http://127.0.0.1:1")
+    assert result.returncode == 2
+    assert "APIYI_PROXY_ADMIN_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_cli_update_to_zero_keeps_a_zero_budget(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +24,15 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 
-from .conftest import ADMIN_TOKEN, ROOT, UPSTREAM_KEY, RedisServer, ThreadServer, billing, free_port
+from .conftest import (
+    ADMIN_TOKEN,
+    ROOT,
+    UPSTREAM_KEY,
+    RedisServer,
+    ThreadServer,
+    billing,
+    free_port,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -42,8 +52,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Served:
     """``python -m proxy serve --port P ...`` with its stdout and stderr kept apart."""
 
-    def __init__(self, args: list[str], env: dict[str, str], directory: Path) -> None:
-        self.port = free_port()
+    def __init__(
+        self, args: list[str], env: dict[str, str], directory: Path, port: int | None = None
+    ) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.out_path = directory / f"serve-{self.port}.out"
         self.err_path = directory / f"serve-{self.port}.err"
@@ -152,17 +164,144 @@ def test_serve_without_an_upstream_key_names_the_setting() -> None:
     assert "Traceback" not in result.stderr
 
 
+# start-up lines, a port already taken ----------------------------------------------------
+
+REDIS_PASSWORD = "redis-password-for-tests-0123456789"
+PEPPER = "pepper-shared-by-workers-01234567"
+
+
+def startup(served: Served) -> dict[str, str]:
+    """The start-up lines, by what they name (two spaces, a label, the value)."""
+    lines = served.stderr().splitlines()
+    assert lines[0].startswith("apiyi-proxy "), served.stderr()
+    said = dict(re.findall(r"^  (\S+(?: \S+)?)  +(.+)$", served.stderr(), re.MULTILINE))
+    assert served.stderr().count("  listening  ") == 1  # said once, however many workers
+    return said
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_startup_says_each_setting_and_no_secret(
+    serve: Callable[..., Served], upstream: ThreadServer, workers: str
+) -> None:
+    redis = RedisServer(["--requirepass", REDIS_PASSWORD])
+    try:
+        url = f"redis://:{REDIS_PASSWORD}@127.0.0.1:{redis.port}/0"
+        env = workers_env(
+            redis,
+            APIYI_PROXY_STORE_URL=url,
+            APIYI_PROXY_UPSTREAM_URL=upstream.url + "/v1",
+            APIYI_API_KEY=UPSTREAM_KEY,
+            APIYI_PROXY_N_POLICY="strip",
+        )
+        served = serve(["--workers", workers], env)
+        create_key(served)  # the store, password and all, is reached
+        said = startup(served)
+        output = served.stdout() + served.stderr()
+    finally:
+        redis.stop()
+    processes = "2 workers" if workers == "2" else "1 process"
+    assert said["listening"] == f"{served.url} ({processes})"
+    assert said["store"] == f"redis://:***@127.0.0.1:{redis.port}/0"
+    assert said["auth"].startswith("keys ")
+    assert said["admin API"].startswith(f"on at {served.url}/admin")
+    assert said["upstream"] == upstream.url
+    assert said["n policy"].startswith("strip ")
+    assert f"--url {served.url}" in said["keys"]
+    for secret in (UPSTREAM_KEY, ADMIN_TOKEN, REDIS_PASSWORD, PEPPER):
+        assert secret not in output
+    assert "sk-" not in output
+
+
+def test_startup_on_the_memory_store_comes_before_the_first_key(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(["--fake-upstream"], clean_env())
+    said = startup(served)
+    assert said["listening"] == f"{served.url} (1 process)"
+    assert said["store"].startswith("memory:// ")
+    assert said["auth"].startswith("keys ")
+    assert said["admin API"].startswith("off ")
+    assert said["upstream"].startswith(f"{served.url} (the built-in fake upstream")
+    assert said["n policy"].startswith("reject ")
+    text = served.stderr()
+    assert text.index("  n policy  ") < text.index("export OPENAI_API_KEY=")
+    # No admin API to make more keys with: the hint says how to turn it on.
+    hint = text[text.index("More keys: ") :].splitlines()[0]
+    assert "set APIYI_PROXY_ADMIN_TOKEN" in hint
+    assert f"apiyi-proxy keys create --name NAME --url {served.url}" in hint
+
+
+def test_first_key_hint_with_an_admin_token_is_a_command_that_works(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(["--fake-upstream"], clean_env(APIYI_PROXY_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert startup(served)["admin API"].startswith("on ")
+    text = served.stderr()
+    hint = text[text.index("More keys: ") :].splitlines()[0]
+    assert "APIYI_PROXY_ADMIN_TOKEN" in hint
+    command = re.search(r"apiyi-proxy (keys create --name NAME --url \S+)", hint)
+    assert command is not None, hint
+    args = command.group(1).replace("NAME", "second").split()
+    made = subprocess.run(
+        [sys.executable, "-m", "proxy", *args],
+        env=clean_env(APIYI_PROXY_ADMIN_TOKEN=ADMIN_TOKEN),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert made.returncode == 0, made.stderr
+    second = json.loads(made.stdout)["key"]
+    answer = httpx.post(
+        served.url + "/v1/images/generations",
+        json={"prompt": "p", "response_format": "url"},
+        headers={"authorization": f"Bearer {second}"},
+        timeout=30,
+    )
+    assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("where", ["port", "port of 2 workers", "metrics port"])
+def test_a_taken_port_ends_serve_with_one_line_and_no_key(
+    tmp_path: Path, redis_server: RedisServer, where: str
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    args, env = ["--fake-upstream"], clean_env(APIYI_PROXY_ADMIN_TOKEN=ADMIN_TOKEN)
+    serve_port = port
+    if where == "port of 2 workers":
+        args, env = [*args, "--workers", "2"], workers_env(redis_server)
+    elif where == "metrics port":
+        serve_port = free_port()
+        env["APIYI_PROXY_SERVER__METRICS_PORT"] = str(port)
+    with taken:
+        served = Served(args, env, tmp_path, port=serve_port)
+        try:
+            status = served.process.wait(30)
+        finally:
+            served.stop()
+    assert status == 1
+    lines = served.stderr().splitlines()
+    assert len(lines) == 1, served.stderr()
+    assert lines[0].startswith("apiyi-proxy: cannot ")
+    assert f"127.0.0.1:{port}" in lines[0] and "address already in use" in lines[0]
+    assert served.stdout() == ""
+    assert "sk-" not in served.stderr()
+
+
 # workers -------------------------------------------------------------------------------
 
 
 def workers_env(redis: RedisServer, **extra: str) -> dict[str, str]:
-    return clean_env(
-        APIYI_PROXY_STORE_URL=redis.url,
-        APIYI_PROXY_KEY_PEPPER="pepper-shared-by-workers-01234567",
-        APIYI_PROXY_ADMIN_TOKEN=ADMIN_TOKEN,
-        APIYI_PROXY_LOG__LEVEL="warning",
-        **extra,
-    )
+    settings = {
+        "APIYI_PROXY_STORE_URL": redis.url,
+        "APIYI_PROXY_KEY_PEPPER": PEPPER,
+        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "APIYI_PROXY_LOG__LEVEL": "warning",
+    }
+    return clean_env(**(settings | extra))
 
 
 def create_key(served: Served) -> str:
