@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from starlette.routing import Mount, Route
+from starlette.testclient import TestClient
 
 from proxy import config
 from proxy.app import create_app
@@ -59,6 +60,8 @@ def documented_routes() -> set[tuple[str, str]]:
 def served_routes() -> set[tuple[str, str]]:
     settings = config.load(path=os.devnull, env={"APIYI_API_KEY": "unused-key"})
     app = create_app(settings)
+    with TestClient(app):  # the lifespan opens and closes what the app holds
+        pass
     image_routes = app.app  # type: ignore[attr-defined]  # ExchangeMiddleware -> ImageRoutes
     routes = {("POST", template(path)) for path in image_routes.endpoints}
     for route in image_routes.app.routes:
