@@ -17,7 +17,7 @@ import random
 import tracemalloc
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -372,7 +372,7 @@ def test_an_image_sent_as_a_text_field_is_a_400(name: str) -> None:
 
 
 @pytest.mark.parametrize("setting", ["strip", "reject"])
-def test_a_mask_file_part_is_refused_by_the_policy(setting: str) -> None:
+def test_a_mask_file_part_is_refused_by_the_policy(setting: Literal["strip", "reject"]) -> None:
     """Stripped, the mask would bill an edit of the whole image; no setting allows it."""
     png = MAGIC["image/png"] + b"x"
     files = [("image", ("a.png", png, "image/png")), ("mask", ("m.png", png, "image/png"))]
