@@ -66,7 +66,8 @@ def create_app(
     admin = Admin(settings, ledger, auth, hasher)
     generations = ImagesEndpoint(services, "generations")
     edits = ImagesEndpoint(services, "edits")
-    model_list = _model_list(settings)
+    catalog = _model_catalog(settings)
+    model_list = {"object": "list", "data": list(catalog.values())}
     image_routes: dict[str, ASGIApp] = {
         "/v1/images/generations": generations,
         "/images/generations": generations,
@@ -78,6 +79,21 @@ def create_app(
     async def models(request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/models"
         return json_response(model_list)
+
+    async def model(request: Request) -> Response:
+        exchange_of(request.scope).route = "/v1/models/{id}"
+        model_id: str = request.path_params["model_id"]
+        entry = catalog.get(model_id)
+        if entry is None:
+            choices = ", ".join(catalog)
+            return error_response(
+                NotFound(
+                    f"The model {model_id[:64]!r} does not exist here; use one of: {choices}.",
+                    param="model",
+                    code="model_not_found",
+                )
+            )
+        return json_response(entry)
 
     async def healthz(request: Request) -> Response:
         exchange_of(request.scope).route = "/healthz"
@@ -107,6 +123,8 @@ def create_app(
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in image_routes.items()),
         Route("/v1/models", models, methods=["GET"]),
         Route("/models", models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", model, methods=["GET"]),
+        Route("/models/{model_id:path}", model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *admin.routes(),
@@ -182,23 +200,26 @@ class ImageRoutes:
         await self.app(scope, receive, send)
 
 
-def _model_list(settings: Settings) -> dict[str, Any]:
+def _model_catalog(settings: Settings) -> dict[str, dict[str, Any]]:
+    """Every model id a client may name, in OpenAI's shape: the served models, then the
+    aliases, each showing the model it maps to."""
     created = int(time.time())
-    data = [
-        {"id": m.name, "object": "model", "created": created, "owned_by": "apiyi-proxy"}
+    catalog: dict[str, dict[str, Any]] = {
+        m.name: {"id": m.name, "object": "model", "created": created, "owned_by": "apiyi-proxy"}
         for m in settings.policy.models
-    ]
+    }
     for alias, target in settings.policy.model_aliases.items():
-        data.append(
+        catalog.setdefault(
+            alias,
             {
                 "id": alias,
                 "object": "model",
                 "created": created,
                 "owned_by": "apiyi-proxy",
                 "alias_of": target,
-            }
+            },
         )
-    return {"object": "list", "data": data}
+    return catalog
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:

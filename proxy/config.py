@@ -107,6 +107,8 @@ class PolicySettings:
     default_response_format: Literal["url", "b64_json"] = "b64_json"
     b64_prefix: Literal["strip", "keep"] = "strip"
     max_prompt_chars: int = 32_000
+    # Each body limit is raised to what a prompt of max_prompt_chars needs at worst
+    # (policy.body_limit: 12 bytes a character plus 16 KiB, 400,384 bytes by default).
     max_body_bytes: int = 64 * 1024
     max_edit_body_bytes: int = 64 * 1024 * 1024
     max_edit_images: int = 16

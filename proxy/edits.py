@@ -19,11 +19,14 @@ from starlette.requests import Request
 from starlette.types import Message, Receive, Scope
 
 from .config import PolicySettings
-from .errors import BodyTooLarge, InvalidRequest
+from .errors import InvalidRequest
 from .http import ClientGone, decimal
+from .policy import BYTES_PER_PROMPT_CHAR, body_limit
 
 IMAGE_FIELDS = ("image", "image[]")
 CHUNK = 64 * 1024
+LIMIT_SETTING = "policy.max_edit_body_bytes"
+MB = 1024 * 1024
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
 
 
@@ -85,6 +88,12 @@ class EditForm:
         return stream(), headers
 
 
+def text_part_limit(max_prompt_chars: int) -> int:
+    """The most bytes a text part may have: a megabyte, or more if a prompt of the most
+    characters allowed needs it in the form's charset."""
+    return max(MB, BYTES_PER_PROMPT_CHAR * max_prompt_chars)
+
+
 def sniff(upload: UploadFile) -> str | None:
     head = upload.file.read(16)
     upload.file.seek(0)
@@ -132,10 +141,10 @@ def _check_text(text: str) -> None:
 async def read_form(
     scope: Scope, receive: Receive, headers: Mapping[str, str], policy: PolicySettings
 ) -> EditForm:
-    limit = policy.max_edit_body_bytes
+    limit = body_limit(policy.max_edit_body_bytes, policy.max_prompt_chars, LIMIT_SETTING)
     declared = decimal(headers.get("content-length", ""))
-    if declared is not None and declared > limit:
-        raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+    if declared is not None and declared > limit.bytes:
+        raise limit.refusal()
     content_type = headers.get("content-type", "")
     if content_type.partition(";")[0].strip().lower() != "multipart/form-data":
         raise InvalidRequest("Image edits take a multipart/form-data body.")
@@ -147,8 +156,8 @@ async def read_form(
         if message["type"] == "http.disconnect":
             raise ClientGone
         received += len(message.get("body", b""))
-        if received > limit:
-            raise BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
+        if received > limit.bytes:
+            raise limit.refusal()
         return message
 
     try:
@@ -158,7 +167,7 @@ async def read_form(
                 body,
                 max_files=policy.max_edit_images + 2,
                 max_fields=32,
-                max_part_size=1024 * 1024,
+                max_part_size=text_part_limit(policy.max_prompt_chars),
             )
             form = await parser.parse()
     except (MultiPartException, ValueError) as exc:
@@ -171,6 +180,11 @@ async def read_form(
             _check_text(name)
             if isinstance(value, str):
                 _check_text(value)
+                if name in IMAGE_FIELDS:
+                    # Dropped, it would bill an edit of other images than those sent.
+                    raise InvalidRequest(
+                        f"{name!r} must be an image file part, not a text field.", param=name
+                    )
                 if name in fields:
                     raise InvalidRequest(f"The field {name!r} was sent twice.", param=name)
                 fields[name] = value
@@ -181,7 +195,8 @@ async def read_form(
                     )
                 images.append((name, value))
             else:
-                # Other file parts (a mask, say) meet the unsupported-field policy.
+                # Other file parts meet the field policy as present, non-null fields:
+                # a mask is refused, an unknown file dropped or refused as unknown.
                 fields.setdefault(name, "")
                 await value.close()
     except InvalidRequest:

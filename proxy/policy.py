@@ -3,29 +3,96 @@
 Pure: no I/O. ``RequestPolicy.generation`` takes whatever JSON the client sent and
 either returns a ``Decision`` (the exact body for the upstream, how many images to
 charge and calls to make, and what was changed) or raises ``InvalidRequest``.
+``field_action`` decides each field the upstream does not take; ``body_limit``
+decides how many bytes a request body may have.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from .config import PolicySettings
-from .errors import InvalidRequest
+from .errors import BodyTooLarge, InvalidRequest
 from .http import decimal
 from .sizes import SizeTable, normalise_size
 
 RESPONSE_FORMATS = ("url", "b64_json")
-# Fields OpenAI's API takes that the upstream refuses; unknown fields are treated alike.
-KNOWN_UNSUPPORTED = frozenset({
-    "quality", "aspect_ratio", "style", "background", "moderation", "output_format",
-    "output_compression", "partial_images", "user",
+# What the upstream takes (SPEC section 2), and what the policy rules on itself.
+TAKEN = frozenset({"model", "prompt", "size", "response_format"})
+HANDLED = frozenset({"n", "stream"})
+# Fields OpenAI's API takes that the upstream refuses, in SPEC section 5's two kinds.
+# Without these the upstream draws the picture the caller asked for, give or take.
+COSMETIC = frozenset({"quality", "style", "moderation", "user"})
+# Without these it draws, and bills, another: an unmasked edit, an opaque background,
+# a PNG where a JPEG was asked for, a square where a ratio was.
+CHANGES_PICTURE = frozenset({
+    "mask", "background", "output_format", "output_compression", "aspect_ratio",
+    "partial_images",
 })  # fmt: skip
-HANDLED = frozenset({"model", "prompt", "size", "n", "response_format", "stream"})
 # Client-chosen field names are echoed in a response header: keep them to a safe token.
 _UNSAFE_LABEL = re.compile(r"[^A-Za-z0-9_.\-\[\]]")
+
+# A JSON encoder writes one character of a string in at most 12 bytes: one outside the
+# Basic Multilingual Plane as two \uXXXX escapes (json.dumps' default, ensure_ascii).
+# Form charsets stay within it too (unicode_escape: 10, UTF-8: 4).
+BYTES_PER_PROMPT_CHAR = 12
+# Room for everything in a body but its prompt: the other fields, their names, spacing.
+OTHER_FIELDS_BYTES = 16 * 1024
+
+
+class FieldAction(enum.Enum):
+    """What becomes of one field of a request (``field_action``)."""
+
+    KEEP = "keep"  # the upstream takes it, or the policy rules on it itself
+    DROP = "drop"  # not sent; reported in x-proxy-adjusted
+    REFUSE = "refuse"  # 400: unsupported_fields is reject
+    REFUSE_PICTURE = "refuse_picture"  # 400 whatever the setting
+
+
+def field_action(name: str, value: object, unsupported: Literal["strip", "reject"]) -> FieldAction:
+    """The rule for a field: cosmetic and unknown fields follow ``unsupported_fields``;
+    a field whose loss would bill a different picture is refused whatever the setting
+    (an explicit null asks for nothing, so losing it changes nothing)."""
+    if name in TAKEN or name in HANDLED:
+        return FieldAction.KEEP
+    if name in CHANGES_PICTURE and value is not None:
+        return FieldAction.REFUSE_PICTURE
+    return FieldAction.DROP if unsupported == "strip" else FieldAction.REFUSE
+
+
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes a request body may have, and the setting that says so."""
+
+    bytes: int
+    derived: str
+
+    def refusal(self) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"Request body is larger than the limit of {self.bytes} bytes{self.derived}."
+        )
+
+
+def body_limit(configured: int, max_prompt_chars: int, setting: str) -> BodyLimit:
+    """The body limit: ``configured``, raised so that a body whose prompt has the most
+    characters allowed always fits, however its JSON (or form charset) escapes them.
+
+    A prompt over the limit is then always read and refused as a 400 naming ``prompt``,
+    never a 413, and a 32,000-character Chinese prompt is accepted.
+    """
+    floor = BYTES_PER_PROMPT_CHAR * max_prompt_chars + OTHER_FIELDS_BYTES
+    if configured >= floor:
+        return BodyLimit(configured, f" ({setting})")
+    return BodyLimit(
+        floor,
+        f" ({BYTES_PER_PROMPT_CHAR} bytes for each of the {max_prompt_chars} characters a "
+        f"prompt may have, as JSON escapes them at worst, plus {OTHER_FIELDS_BYTES} for the "
+        f"other fields; {setting} is raised to this)",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,11 +122,31 @@ def _label(name: str) -> str:
     return _UNSAFE_LABEL.sub("?", name[:50]) or "?"
 
 
+def _field_refusal(name: str, action: FieldAction) -> InvalidRequest:
+    if action is FieldAction.REFUSE_PICTURE:
+        return InvalidRequest(
+            f"The field {_show(name)} is not supported: the upstream does not take it, and "
+            "dropping it would bill a different picture than the one asked for. Remove it.",
+            param=name,
+            code="unsupported_field",
+        )
+    known = name in COSMETIC or name in CHANGES_PICTURE
+    kind = "not supported by the upstream" if known else "unknown"
+    return InvalidRequest(
+        f"The field {_show(name)} is {kind}; remove it.",
+        param=name[:50],
+        code="unsupported_field",
+    )
+
+
 class RequestPolicy:
     def __init__(self, settings: PolicySettings) -> None:
         self.settings = settings
         self.models = {m.name for m in settings.models}
         self.tables = {m.name: SizeTable.for_model(m) for m in settings.models}
+        self.body_limit = body_limit(
+            settings.max_body_bytes, settings.max_prompt_chars, "policy.max_body_bytes"
+        )
 
     def resolve_model(self, name: object) -> str:
         if name is None:
@@ -144,15 +231,18 @@ class RequestPolicy:
                 else:
                     images = calls = n
 
-        for name in sorted(set(body) - HANDLED):
-            if s.unsupported_fields == "reject":
-                kind = "not supported by the upstream" if name in KNOWN_UNSUPPORTED else "unknown"
-                raise InvalidRequest(
-                    f"The field {_show(name)} is {kind}; remove it.",
-                    param=str(name)[:50],
-                    code="unsupported_field",
-                )
-            dropped.append(_label(str(name)))
+        actions = {name: field_action(name, body[name], s.unsupported_fields) for name in body}
+        # One field is named, whatever the client's key order: one that changes the
+        # picture first, since no setting lets it through.
+        refusals = sorted(
+            (action is not FieldAction.REFUSE_PICTURE, name)
+            for name, action in actions.items()
+            if action in (FieldAction.REFUSE_PICTURE, FieldAction.REFUSE)
+        )
+        if refusals:
+            name = refusals[0][1]
+            raise _field_refusal(name, actions[name])
+        dropped += [_label(name) for name, action in actions.items() if action is FieldAction.DROP]
         if dropped:
             adjustments.append("dropped=" + ",".join(sorted(dropped)))
         return Decision(model, upstream, images, calls, response_format, tuple(adjustments))

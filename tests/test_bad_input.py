@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -61,12 +62,29 @@ def test_bad_bodies_are_refused_before_the_upstream(proxy: Proxy, fake: Any, nam
     assert billing(fake[1])["requests"] == []
 
 
+# The generations body limit: 12 bytes for each of 32,000 prompt characters, plus 16 KiB.
+BODY_LIMIT = 12 * 32_000 + 16 * 1024
+
+
+def assert_nothing_spent(proxy: Proxy, key: str, fake: Any) -> None:
+    """Nothing reached the upstream, and the key neither holds nor spent money."""
+    assert billing(fake[1]) == {"images_billed": 0, "requests": []}
+    usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {key}"})
+    today = usage.json()["today"]
+    assert today["requests"] == 0
+    assert today["held_usd"] == today["spent_usd"] == 0
+
+
 def test_oversized_body_is_413(proxy: Proxy, fake: Any) -> None:
     key = proxy.new_key()
-    body = json.dumps({"prompt": "x", "pad": "y" * 70_000}).encode()
+    body = json.dumps({"prompt": "x", "pad": "y" * BODY_LIMIT}).encode()
     error = assert_openai_error(post(proxy, key, body), 413)
     assert error["code"] == "request_too_large"
-    assert billing(fake[1])["requests"] == []
+    # The message says how the limit follows from the prompt limit.
+    assert error["message"].startswith(f"Request body is larger than the limit of {BODY_LIMIT}")
+    assert "each of the 32000 characters" in error["message"]
+    assert "policy.max_body_bytes" in error["message"]
+    assert_nothing_spent(proxy, key, fake)
 
 
 def test_oversized_chunked_body_is_413(proxy: Proxy) -> None:
@@ -74,7 +92,7 @@ def test_oversized_chunked_body_is_413(proxy: Proxy) -> None:
 
     def chunks() -> Any:
         yield b'{"prompt": "'
-        for _ in range(100):
+        for _ in range(BODY_LIMIT // 1000 + 1):
             yield b"x" * 1000
         yield b'"}'
 
@@ -87,7 +105,7 @@ def test_oversized_chunked_body_is_413(proxy: Proxy) -> None:
 
 
 def test_size_limit_comes_before_auth(proxy: Proxy) -> None:
-    body = json.dumps({"prompt": "x" * 70_000}).encode()
+    body = json.dumps({"prompt": "x" * BODY_LIMIT}).encode()
     assert_openai_error(post(proxy, "wrong", body), 413)
 
 
@@ -218,3 +236,129 @@ def test_a_trailing_slash_is_answered_directly_never_redirected_by_host(
     assert generated.json()["data"][0]["url"]
     assert_openai_error(unknown, 404)
     assert "location" not in unknown.headers
+
+
+# Limits in characters, as the caller counts them (SPEC section 5) -----------------------
+
+CJK = "猫"  # 6 bytes in JSON's ASCII escapes
+EMOJI = "\U0001f431"  # 12: a surrogate pair of escapes
+
+
+@pytest.mark.parametrize("char", [CJK, EMOJI])
+@pytest.mark.parametrize("ensure_ascii", [True, False])
+def test_a_32000_character_prompt_is_accepted_however_long_its_json(
+    proxy: Proxy, fake: Any, char: str, ensure_ascii: bool
+) -> None:
+    key = proxy.new_key()
+    prompt = char * 32_000
+    body = json.dumps({"prompt": prompt, "response_format": "url"}, ensure_ascii=ensure_ascii)
+    response = post(proxy, key, body.encode())
+    assert response.status_code == 200, response.text
+    assert response.json()["data"][0]["url"]
+    sent = billing(fake[1])["requests"]
+    assert [(r["model"], r["billed"]) for r in sent] == [("gpt-image-2-vip", True)]
+
+
+@pytest.mark.parametrize("char", ["x", CJK, EMOJI])
+def test_a_32001_character_prompt_is_400_naming_prompt_never_413(
+    proxy: Proxy, fake: Any, char: str
+) -> None:
+    key = proxy.new_key()
+    body = json.dumps({"prompt": char * 32_001, "size": "1280x1280", "user": "u" * 1000})
+    error = assert_openai_error(post(proxy, key, body.encode()), 400)
+    assert (error["param"], error["code"]) == ("prompt", "prompt_too_long")
+    assert_nothing_spent(proxy, key, fake)
+
+
+def test_a_configured_body_limit_below_the_prompts_is_raised(
+    fake: Any, start_proxy: Callable[..., Proxy]
+) -> None:
+    proxy = start_proxy(fake[1].url, policy={"max_body_bytes": 1024})
+    key = proxy.new_key()
+    body = json.dumps({"prompt": EMOJI * 32_000, "response_format": "url"}).encode()
+    assert len(body) > 380_000
+    assert post(proxy, key, body).status_code == 200
+    too_long = json.dumps({"prompt": EMOJI * 32_001}).encode()
+    assert assert_openai_error(post(proxy, key, too_long), 400)["param"] == "prompt"
+    oversized = json.dumps({"prompt": "x", "pad": "y" * BODY_LIMIT}).encode()
+    assert_openai_error(post(proxy, key, oversized), 413)
+    assert billing(fake[1])["images_billed"] == 1
+
+
+def edit(proxy: Proxy, key: str, data: dict[str, str], files: list[Any]) -> httpx.Response:
+    return httpx.post(
+        proxy.url + "/v1/images/edits",
+        headers={"authorization": f"Bearer {key}"},
+        data=data,
+        files=files,
+        timeout=30,
+    )
+
+
+def test_edit_prompt_limit_counts_characters(proxy: Proxy, fake: Any) -> None:
+    key = proxy.new_key()
+    image = [("image", ("a.png", make_png(), "image/png"))]
+    ok = edit(proxy, key, {"prompt": EMOJI * 32_000, "response_format": "url"}, image)
+    assert ok.status_code == 200, ok.text
+    assert billing(fake[1])["images_billed"] == 1
+    other = proxy.new_key()
+    too_long = edit(proxy, other, {"prompt": CJK * 32_001}, image)
+    error = assert_openai_error(too_long, 400)
+    assert (error["param"], error["code"]) == ("prompt", "prompt_too_long")
+    assert billing(fake[1])["images_billed"] == 1
+    usage = httpx.get(proxy.url + "/v1/usage", headers={"authorization": f"Bearer {other}"})
+    assert usage.json()["today"]["requests"] == 0
+
+
+# Fields whose loss changes the picture (SPEC section 5) --------------------------------
+
+PICTURE_FIELDS = {
+    "mask": "mask.png",
+    "background": "transparent",
+    "output_format": "jpeg",
+    "output_compression": 50,
+    "aspect_ratio": "16:9",
+    "partial_images": 2,
+}
+
+
+@pytest.mark.parametrize("policy", ["strip", "reject"])
+def test_fields_that_change_the_picture_are_400_and_not_billed(
+    fake: Any, start_proxy: Callable[..., Proxy], policy: str
+) -> None:
+    proxy = start_proxy(fake[1].url, policy={"unsupported_fields": policy})
+    key = proxy.new_key()
+    for name, value in PICTURE_FIELDS.items():
+        body = json.dumps({"prompt": "x", name: value, "quality": "high"}).encode()
+        error = assert_openai_error(post(proxy, key, body), 400)
+        assert (error["param"], error["code"]) == (name, "unsupported_field")
+        assert "different picture" in error["message"]
+        form = {"prompt": "x", name: str(value)}
+        error = assert_openai_error(edit(proxy, key, form, [("image", make_png())]), 400)
+        assert error["param"] == name
+    assert_nothing_spent(proxy, key, fake)
+
+
+@pytest.mark.parametrize("image_field", ["image", "image[]"])
+def test_an_edit_with_a_mask_file_is_400_and_not_billed(
+    proxy: Proxy, fake: Any, image_field: str
+) -> None:
+    key = proxy.new_key()
+    png = make_png()
+    files = [(image_field, ("a.png", png, "image/png")), ("mask", ("m.png", png, "image/png"))]
+    error = assert_openai_error(edit(proxy, key, {"prompt": "x"}, files), 400)
+    assert (error["param"], error["code"]) == ("mask", "unsupported_field")
+    assert_nothing_spent(proxy, key, fake)
+    # The same edit without its mask is taken: image and image[] are the upstream's own.
+    files = [(image_field, ("a.png", png, "image/png"))] * 2
+    response = edit(proxy, key, {"prompt": "x", "response_format": "url"}, files)
+    assert response.status_code == 200, response.text
+    assert billing(fake[1])["requests"][0]["images"] == 2
+
+
+def test_an_edit_image_sent_as_text_is_400_and_not_billed(proxy: Proxy, fake: Any) -> None:
+    key = proxy.new_key()
+    data = {"prompt": "x", "image[]": "https://example.com/a.png"}
+    response = edit(proxy, key, data, [("image[]", ("a.png", make_png(), "image/png"))])
+    assert assert_openai_error(response, 400)["param"] == "image[]"
+    assert_nothing_spent(proxy, key, fake)

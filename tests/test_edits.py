@@ -17,7 +17,7 @@ import random
 import tracemalloc
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -310,14 +310,85 @@ def test_a_client_that_leaves_midway_is_client_gone() -> None:
 
 
 def test_a_declared_length_past_the_limit_is_refused_before_reading() -> None:
-    policy = replace(POLICY, max_edit_body_bytes=1024)
+    # A one-character prompt limit lets the body limit go as low as 12 + 16384 bytes.
+    policy = replace(POLICY, max_edit_body_bytes=20_000, max_prompt_chars=1)
 
     async def receive() -> Message:
         raise AssertionError("the body was read")
 
-    scope = scope_for(f"multipart/form-data; boundary={BOUNDARY}", 1025)
-    with pytest.raises(BodyTooLarge):
+    scope = scope_for(f"multipart/form-data; boundary={BOUNDARY}", 20_001)
+    with pytest.raises(BodyTooLarge) as info:
         run(read_form(scope, receive, header_map(scope), policy))
+    assert "limit of 20000 bytes (policy.max_edit_body_bytes)" in info.value.message
+
+
+def test_the_edit_body_limit_is_raised_to_fit_the_longest_prompt() -> None:
+    """A configured limit below what a prompt of the most characters needs is raised,
+    so that prompt is read and judged by its characters (a 400), never a 413."""
+    policy = replace(POLICY, max_edit_body_bytes=1024)
+    png = MAGIC["image/png"] + b"x"
+    for prompt in ("猫" * 32_000, "\U0001f431" * 32_000, "\U0001f431" * 32_001):
+        body, content_type = encode({"prompt": prompt}, [("image", ("a.png", png, "image/png"))])
+        assert len(body) > 90_000  # far past the configured 1024
+        outcome = run(read_outcome([body], content_type, policy=policy))
+        assert outcome.fields == {"prompt": prompt}
+    body, content_type = encode({"prompt": "x" * 401_000}, [("image", ("a.png", png, "image/png"))])
+    outcome = run(read_outcome([body], content_type, policy=policy))
+    assert outcome.error is BodyTooLarge
+    assert "limit of 400384 bytes" in outcome.message
+    assert "each of the 32000 characters" in outcome.message
+    assert "policy.max_edit_body_bytes is raised" in outcome.message
+
+
+def test_the_text_part_limit_fits_the_longest_prompt_in_any_charset() -> None:
+    """A prompt of the most characters allowed fits its part however the form's charset
+    writes it: 120,000 characters as unicode_escape are 1.2 MB, past the usual 1 MB."""
+    policy = replace(POLICY, max_prompt_chars=120_000)
+    prompt = "\U0001f431" * 120_000
+    png = MAGIC["image/png"]
+    body, _ = encode({"prompt": "PROMPT"}, [("image", ("a.png", png, "image/png"))])
+    body = body.replace(b"PROMPT", prompt.encode("unicode_escape"))
+    boundary = body[2 : body.index(b"\r\n")].decode()
+    content_type = f"multipart/form-data; charset=unicode_escape; boundary={boundary}"
+    outcome = run(read_outcome([body], content_type, policy=policy))
+    assert outcome.fields == {"prompt": prompt}
+    assert RequestPolicy(policy).edit(outcome.fields).body["prompt"] == prompt
+    # With the usual prompt limit, the usual part limit stays.
+    outcome = run(read_outcome([body], content_type))
+    assert outcome.error is InvalidRequest
+
+
+@pytest.mark.parametrize("name", IMAGE_FIELDS)
+def test_an_image_sent_as_a_text_field_is_a_400(name: str) -> None:
+    """Dropped as an unknown field, it would bill an edit of other images than those sent."""
+    png = MAGIC["image/png"]
+    body, content_type = encode(
+        {"prompt": "x", name: "https://example.com/a.png"},
+        [("image", ("a.png", png, "image/png"))],
+    )
+    outcome = run(read_outcome([body], content_type))
+    assert outcome.error is InvalidRequest
+    assert outcome.message == f"{name!r} must be an image file part, not a text field."
+
+
+@pytest.mark.parametrize("setting", ["strip", "reject"])
+def test_a_mask_file_part_is_refused_by_the_policy(setting: Literal["strip", "reject"]) -> None:
+    """Stripped, the mask would bill an edit of the whole image; no setting allows it."""
+    png = MAGIC["image/png"] + b"x"
+    files = [("image", ("a.png", png, "image/png")), ("mask", ("m.png", png, "image/png"))]
+    body, content_type = encode({"prompt": "x"}, files)
+
+    async def check() -> None:
+        form = await read([body], content_type)
+        try:
+            with pytest.raises(InvalidRequest) as info:
+                RequestPolicy(replace(POLICY, unsupported_fields=setting)).edit(form.fields)
+        finally:
+            await form.close()
+        assert (info.value.param, info.value.code) == ("mask", "unsupported_field")
+        assert "different picture" in info.value.message
+
+    run(check())
 
 
 def test_a_large_image_is_spooled_to_disk_not_held() -> None:
@@ -450,11 +521,12 @@ def test_any_body_in_any_chunks_is_read_or_refused_with_a_4xx(
 
 
 @settings(max_examples=50, deadline=None)
-@given(damaged(), CUTS, st.integers(1024, 4096))
+@given(damaged(), CUTS, st.integers(16_396, 24_000))
 def test_a_body_past_the_limit_is_a_413_wherever_it_is_cut(
     raw: bytes, cuts: list[int], limit: int
 ) -> None:
-    policy = replace(POLICY, max_edit_body_bytes=limit)
+    # With a one-character prompt limit, the configured limit is taken from 16396 up.
+    policy = replace(POLICY, max_edit_body_bytes=limit, max_prompt_chars=1)
     content_type = f"multipart/form-data; boundary={BOUNDARY}"
     outcome = run(read_outcome(cut(raw, cuts), content_type, policy=policy))
     if len(raw) > limit:

@@ -70,3 +70,38 @@ def test_a_generation_costs_a_hold_and_a_settle(
         assert raw.parse().data
 
     assert during(sent, first_attempt) == ["evalsha", "evalsha", "evalsha"]
+
+
+def test_a_refused_request_costs_no_store_step(
+    fake: Any, start_proxy: Callable[..., Proxy], redis_server: RedisServer
+) -> None:
+    """Refused by the policy, or for its size, a request reserves no money: no hold,
+    not a single command to the store, nothing upstream."""
+    proxy = start_proxy(
+        fake[1].url,
+        store={"url": redis_server.url},
+        auth={"key_pepper": "pepper-for-tests-0123456789abcdef"},
+    )
+    key = proxy.new_key()
+    headers = {"authorization": f"Bearer {key}"}
+    url = proxy.url + "/v1/images/generations"
+    assert httpx.post(url, json={"prompt": "x"}, headers=headers).status_code == 200
+    time.sleep(0.3)  # the settle of that call is in
+    sent = count_commands(proxy)
+    billed = fake[0].images_billed
+
+    def refused(body: dict[str, Any], status: int) -> Callable[[], None]:
+        def call() -> None:
+            response = httpx.post(url, json=body, headers=headers, timeout=10)
+            assert response.status_code == status, response.text
+
+        return call
+
+    for body, status in (
+        ({"prompt": "x", "mask": "m.png"}, 400),
+        ({"prompt": "x", "output_format": "jpeg", "quality": "high"}, 400),
+        ({"prompt": "猫" * 32_001}, 400),
+        ({"prompt": "x", "pad": "y" * 400_384}, 413),
+    ):
+        assert during(sent, refused(body, status)) == [], body
+    assert fake[0].images_billed == billed

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import ModelSettings, PolicySettings
 from proxy.errors import InvalidRequest, ProxyError
 from proxy.fake_upstream import check_generation
-from proxy.policy import Decision, RequestPolicy
+from proxy.policy import (
+    BYTES_PER_PROMPT_CHAR,
+    OTHER_FIELDS_BYTES,
+    Decision,
+    FieldAction,
+    RequestPolicy,
+    body_limit,
+    field_action,
+)
 from proxy.sizes import VIP_SIZES, SizeTable, normalise_size, parse
 
 # SPEC section 2, in its ratio order, written out here rather than imported.
@@ -26,18 +35,17 @@ SPEC_VIP_SIZES = """
 MODELS = ("gpt-image-2-vip", "gpt-image-2-all")
 FULL_WIDTH = {ord("0") + d: 0xFF10 + d for d in range(10)}
 WIDE_2048, WIDE_1152 = "2048".translate(FULL_WIDTH), "1152".translate(FULL_WIDTH)
-UNSUPPORTED = (
-    "quality",
-    "aspect_ratio",
-    "style",
+# SPEC section 5's two kinds of fields the upstream does not take, written out here.
+COSMETIC_FIELDS = ("quality", "style", "moderation", "user", "some_unknown_field")
+PICTURE_FIELDS = (
+    "mask",
     "background",
-    "moderation",
     "output_format",
     "output_compression",
+    "aspect_ratio",
     "partial_images",
-    "user",
-    "some_unknown_field",
 )
+UNSUPPORTED = (*COSMETIC_FIELDS, *PICTURE_FIELDS)
 
 
 def make_policy(**fields: Any) -> RequestPolicy:
@@ -270,18 +278,93 @@ def test_n_outside_1_to_10_is_400(policy: str, n: object) -> None:
 # other fields ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("field", UNSUPPORTED)
+@pytest.mark.parametrize(
+    ("name", "value", "setting", "action"),
+    [
+        # What the upstream takes, and what the policy rules on itself, whatever the value.
+        *[(name, "x", setting, FieldAction.KEEP)
+          for name in ("model", "prompt", "size", "response_format", "n", "stream")
+          for setting in ("strip", "reject")],
+        ("n", None, "reject", FieldAction.KEEP),
+        # Cosmetic and unknown fields follow the setting.
+        *[(name, value, "strip", FieldAction.DROP)
+          for name in COSMETIC_FIELDS for value in ("high", None, 0, "")],
+        *[(name, value, "reject", FieldAction.REFUSE)
+          for name in COSMETIC_FIELDS for value in ("high", None, 0, "")],
+        # SPEC names no input_fidelity: an unknown field like any other.
+        ("input_fidelity", "high", "strip", FieldAction.DROP),
+        ("input_fidelity", "high", "reject", FieldAction.REFUSE),
+        ("Mask", "x", "strip", FieldAction.DROP),
+        ("image", "x", "strip", FieldAction.DROP),  # as JSON: no edit, an unknown field
+        # Fields whose loss bills another picture: refused whatever the setting and the
+        # value, a form's empty string (a mask file part) and false or 0 included.
+        *[(name, value, setting, FieldAction.REFUSE_PICTURE)
+          for name in PICTURE_FIELDS
+          for value in ("transparent", "", 0, False, [], {"image_url": "x"}, ["x"])
+          for setting in ("strip", "reject")],
+        # An explicit null asks for nothing: losing it changes nothing.
+        *[(name, None, "strip", FieldAction.DROP) for name in PICTURE_FIELDS],
+        *[(name, None, "reject", FieldAction.REFUSE) for name in PICTURE_FIELDS],
+    ],
+)  # fmt: skip
+def test_field_action_table(name: str, value: object, setting: str, action: FieldAction) -> None:
+    assert field_action(name, value, setting) is action  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("field", COSMETIC_FIELDS)
 def test_unsupported_fields_are_stripped_and_reported(field: str) -> None:
     decision = decide(full(**{field: "high"}))
     assert field not in decision.body
     assert decision.adjusted_header == f"dropped={field}"
 
 
-@pytest.mark.parametrize("field", UNSUPPORTED)
+@pytest.mark.parametrize("field", COSMETIC_FIELDS)
 def test_unsupported_fields_are_400_under_reject(field: str) -> None:
     error = refused(full(**{field: "high"}), unsupported_fields="reject")
     assert error.param == field
     assert error.code == "unsupported_field"
+
+
+@pytest.mark.parametrize("setting", ["strip", "reject"])
+@pytest.mark.parametrize("field", PICTURE_FIELDS)
+def test_fields_that_change_the_picture_are_400_whatever_the_setting(
+    setting: str, field: str
+) -> None:
+    for value in ("transparent", "webp", 50, True):
+        error = refused(full(**{field: value}), unsupported_fields=setting)
+        assert (error.param, error.code) == (field, "unsupported_field")
+        assert "does not take it" in error.message
+        assert "different picture" in error.message
+    with pytest.raises(InvalidRequest) as info:
+        make_policy(unsupported_fields=setting).edit({"prompt": "x", field: ""})
+    assert info.value.param == field
+    assert "different picture" in info.value.message
+
+
+@pytest.mark.parametrize("field", PICTURE_FIELDS)
+def test_a_null_picture_field_asks_for_nothing_and_is_dropped(field: str) -> None:
+    decision = decide(full(**{field: None}))
+    assert field not in decision.body
+    assert decision.adjusted_header == f"dropped={field}"
+    error = refused(full(**{field: None}), unsupported_fields="reject")
+    assert error.param == field
+    assert "different picture" not in error.message
+
+
+@pytest.mark.parametrize("setting", ["strip", "reject"])
+def test_a_field_that_changes_the_picture_is_named_first(setting: str) -> None:
+    """Each refusal names one field, whatever the client's key order: one that no
+    setting lets through before one the setting refuses, then in name order."""
+    body = full(moderation="low", user="u", output_format="jpeg", mask="m")
+    for order in (body, dict(reversed(body.items()))):
+        error = refused(order, unsupported_fields=setting)
+        assert error.param == "mask"
+        assert "different picture" in error.message
+    error = refused(full(user="u", moderation="low", zzz=1), unsupported_fields="reject")
+    assert error.param == "moderation"
+    assert error.message == "The field 'moderation' is not supported by the upstream; remove it."
+    error = refused(full(zzz=1), unsupported_fields="reject")
+    assert error.message == "The field 'zzz' is unknown; remove it."
 
 
 def test_field_names_in_the_header_are_a_safe_token() -> None:
@@ -372,6 +455,81 @@ def test_prompt_length_limit() -> None:
     error = refused(full(prompt="x" * 32_001))
     assert (error.param, error.code) == ("prompt", "prompt_too_long")
     assert decide(full(prompt="  é\n  ")).body["prompt"] == "  é\n  "  # sent as written
+
+
+@pytest.mark.parametrize("char", ["x", "é", "猫", "\U0001f431", "\u0000", "\U00020000"])
+def test_prompt_length_counts_characters_in_any_script(char: str) -> None:
+    policy = make_policy()
+    assert policy.generation(full(prompt=char * 32_000)).body["prompt"] == char * 32_000
+    assert policy.edit({"prompt": char * 32_000}).body["prompt"] == char * 32_000
+    with pytest.raises(InvalidRequest) as info:
+        policy.generation(full(prompt=char * 32_001))
+    assert (info.value.param, info.value.code) == ("prompt", "prompt_too_long")
+    with pytest.raises(InvalidRequest) as info:
+        policy.edit({"prompt": char * 32_001})
+    assert (info.value.param, info.value.code) == ("prompt", "prompt_too_long")
+
+
+FLOOR = BYTES_PER_PROMPT_CHAR * 32_000 + OTHER_FIELDS_BYTES
+
+
+@pytest.mark.parametrize(
+    ("configured", "prompt_chars", "limit", "raised"),
+    [
+        (64 * 1024, 32_000, 400_384, True),  # the default: raised to fit any 32,000 characters
+        (1024, 32_000, 400_384, True),
+        (400_383, 32_000, 400_384, True),
+        (400_384, 32_000, 400_384, False),
+        (1_000_000, 32_000, 1_000_000, False),
+        (64 * 1024, 1000, 64 * 1024, False),  # 12 x 1000 + 16384 = 28384 fits in 65536
+        (1024, 1000, 28_384, True),
+        (1024, 1, 16_396, True),
+    ],
+)
+def test_body_limit_table(configured: int, prompt_chars: int, limit: int, raised: bool) -> None:
+    result = body_limit(configured, prompt_chars, "policy.max_body_bytes")
+    assert result.bytes == limit
+    message = result.refusal().message
+    assert f"limit of {limit} bytes" in message
+    assert "policy.max_body_bytes" in message
+    assert (f"each of the {prompt_chars} characters" in message) is raised
+    assert result.refusal().status == 413
+
+
+def test_default_body_limit_is_derived_from_the_prompt_limit() -> None:
+    assert FLOOR == 400_384
+    assert make_policy().body_limit.bytes == FLOOR
+    assert make_policy(max_prompt_chars=50_000).body_limit.bytes == 12 * 50_000 + 16_384
+
+
+@settings(max_examples=200, deadline=None)
+@example("\U0001f431" * 32_000, True, 2)  # 12 bytes a character, indented
+@example("\u0000" * 32_000, True, None)
+@given(
+    st.text(min_size=1, max_size=40).map(lambda t: (t * 32_000)[:32_000]),
+    st.booleans(),
+    st.sampled_from([None, 0, 2]),
+)
+def test_any_body_with_a_valid_prompt_fits_the_body_limit(
+    prompt: str, ensure_ascii: bool, indent: int | None
+) -> None:
+    """However a JSON encoder writes a valid prompt, with every field OpenAI's API
+    takes beside it, the body is within the limit (a 400 naming ``prompt``, or a
+    decision, never a 413)."""
+    body = {
+        "model": "gpt-image-1-mini",
+        "prompt": prompt,
+        "size": "1536x1024",
+        "n": 1,
+        "quality": "high",
+        "style": "vivid",
+        "moderation": "low",
+        "response_format": "b64_json",
+        "user": "u" * 256,
+        "stream": False,
+    }
+    raw = json.dumps(body, ensure_ascii=ensure_ascii, indent=indent).encode()
+    assert len(raw) <= make_policy().body_limit.bytes
 
 
 @pytest.mark.parametrize("body", [[], ["prompt"], "a cat", 5, None, True])

@@ -96,6 +96,78 @@ def test_models_lists_models_and_aliases(proxy: Proxy) -> None:
     assert {"gpt-image-2-vip", "gpt-image-2-all", "gpt-image-1"} <= ids
 
 
+@pytest.mark.parametrize("name", ["gpt-image-2-vip", "gpt-image-2-all"])
+def test_models_retrieve_a_served_model(proxy: Proxy, name: str) -> None:
+    sdk = client(proxy, proxy.new_key())
+    model = sdk.models.retrieve(name)
+    assert (model.id, model.object, model.owned_by) == (name, "model", "apiyi-proxy")
+    assert model.created > 0
+    assert getattr(model, "alias_of", None) is None
+    listed = {m.id: m for m in sdk.models.list()}
+    assert listed[name] == model
+
+
+@pytest.mark.parametrize(
+    ("alias", "target"),
+    [
+        ("gpt-image-1", "gpt-image-2-vip"),
+        ("gpt-image-1.5", "gpt-image-2-vip"),
+        ("gpt-image-1-mini", "gpt-image-2-all"),
+        ("dall-e-3", "gpt-image-2-vip"),
+    ],
+)
+def test_models_retrieve_an_alias_shows_what_it_maps_to(
+    proxy: Proxy, alias: str, target: str
+) -> None:
+    sdk = client(proxy, proxy.new_key())
+    model = sdk.models.retrieve(alias)
+    assert (model.id, model.object) == (alias, "model")
+    assert model.alias_of == target  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", ["dall-e-9", "GPT-IMAGE-2-VIP", "gpt-image-2", "a:b.c", "猫"])
+def test_models_retrieve_an_unknown_model_is_not_found(proxy: Proxy, fake: Any, name: str) -> None:
+    sdk = client(proxy, proxy.new_key())
+    with pytest.raises(openai.NotFoundError) as info:
+        sdk.models.retrieve(name)
+    assert info.value.status_code == 404
+    assert info.value.code == "model_not_found"
+    assert info.value.param == "model"
+    assert info.value.type == "invalid_request_error"
+    assert "gpt-image-2-vip" in info.value.message
+    assert info.value.response.headers["x-request-id"]
+    assert billing(fake[1])["requests"] == []
+
+
+def test_models_retrieve_without_v1_and_with_a_slash(proxy: Proxy) -> None:
+    for path in ("/models/gpt-image-1", "/v1/models/gpt-image-1/"):
+        response = httpx.get(proxy.url + path)
+        assert response.status_code == 200, path
+        assert response.json()["alias_of"] == "gpt-image-2-vip"
+    unknown = httpx.get(proxy.url + "/models/a/b")
+    assert unknown.status_code == 404
+    assert set(unknown.json()["error"]) == {"message", "type", "param", "code"}
+    assert unknown.json()["error"]["code"] == "model_not_found"
+
+
+def test_an_edit_with_a_mask_is_refused_and_nothing_billed(proxy: Proxy, fake: Any) -> None:
+    """The upstream takes no mask: stripped, it would bill an edit of the whole image."""
+    sdk = client(proxy, proxy.new_key())
+    png = _tiny_png()
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.images.edit(
+            image=("a.png", png, "image/png"),
+            mask=("m.png", png, "image/png"),
+            prompt="replace the sky",
+        )
+    assert (info.value.param, info.value.code) == ("mask", "unsupported_field")
+    assert "different picture" in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        sdk.images.generate(prompt="a logo", background="transparent", output_format="webp")
+    assert info.value.param == "background"
+    assert billing(fake[1]) == {"images_billed": 0, "requests": []}
+
+
 def test_edit_passes_images_in_order(proxy: Proxy, fake: Any) -> None:
     sdk = client(proxy, proxy.new_key())
     png = _tiny_png()
