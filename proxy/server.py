@@ -15,8 +15,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client import multiprocess as prom_multiprocess
+from prometheus_client import start_http_server
 
 from . import config as config_module
 from . import logs
@@ -25,7 +24,7 @@ from .config import Settings
 from .edge import Edge, EdgeProtocol
 from .images import Services
 from .keys import issue_key
-from .metrics import Metrics
+from .metrics import Metrics, multiprocess_collector
 
 log = logging.getLogger("apiyi_proxy")
 FAKE_UPSTREAM_KEY = "fake-upstream-key"
@@ -80,7 +79,7 @@ def serve(settings: Settings, config_path: str | None = None) -> None:
     metrics = Metrics()
     if settings.server.metrics_port is not None:
         start_http_server(
-            settings.server.metrics_port, settings.server.host, registry=metrics.registry
+            settings.server.metrics_port, settings.server.host, registry=metrics.collector()
         )
     first_key = settings.auth.mode == "keys" and settings.store.url.startswith("memory")
     app = create_app(settings, metrics=metrics, on_ready=_first_key if first_key else None)
@@ -120,9 +119,8 @@ def _serve_workers(settings: Settings, config_path: str | None) -> None:
     directory = tempfile.mkdtemp(prefix="apiyi-proxy-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     if settings.server.metrics_port is not None:
-        registry = CollectorRegistry()
-        prom_multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-        start_http_server(settings.server.metrics_port, settings.server.host, registry=registry)
+        workers = multiprocess_collector(directory)
+        start_http_server(settings.server.metrics_port, settings.server.host, registry=workers)
     try:
         uvicorn.run(
             "proxy.server:worker_app",
