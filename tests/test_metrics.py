@@ -5,14 +5,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.metrics import EXPORTED_NAMES
 
-from .conftest import UPSTREAM_KEY, Proxy, RedisServer, billing
+from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Proxy, ProxyProcess, RedisServer, billing
 
 GENERATIONS = "/v1/images/generations"
 PEPPER = "pepper-for-tests-0123456789abcdef"
@@ -319,3 +322,87 @@ def test_spend_adds_up_exactly_in_micro_dollars(
         assert generate(proxy, key).status_code == 200
     text = httpx.get(proxy.url + "/metrics").text
     assert f'apiyi_proxy_spend_usd_total{{model="{MODEL}",team="none"}} 0.3\n' in text
+
+
+# processes --------------------------------------------------------------------------------
+
+
+def served_config(tmp_path: Path, store: str) -> str:
+    path = tmp_path / "proxy.yaml"
+    models = [{"name": MODEL, "price_usd": 0.1}, {"name": "gpt-image-2-all", "price_usd": 0.2}]
+    path.write_text(yaml.safe_dump({"policy": {"models": models}, "store": {"url": store}}))
+    return str(path)
+
+
+def scrape_url(url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    samples: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return samples
+
+
+def test_the_fake_upstreams_calls_are_not_the_proxys(
+    proxy_process: Callable[..., ProxyProcess],
+) -> None:
+    served = proxy_process({"APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN}, ["--fake-upstream"])
+    answer = httpx.post(
+        served.url + "/admin/keys",
+        json={"name": "k"},
+        headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    key = answer.json()["key"]
+    sent = httpx.post(
+        served.url + GENERATIONS,
+        json={"prompt": "a lighthouse", "response_format": "url"},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+    assert sent.status_code == 200
+    assert httpx.get(served.url + "/_fake_upstream/_fake/billing").json()["images_billed"] == 1
+    m = scrape_url(served.url)
+    requests = m["apiyi_proxy_requests_total"]
+    assert not [labels for labels, _ in requests if labels["route"] == "other"]
+    assert value(m, "apiyi_proxy_requests_total", route=GENERATIONS) == 1
+    served.stop()  # its access log is flushed
+    access = [
+        line
+        for line in (orjson.loads(x) for x in served.output().splitlines() if x.startswith("{"))
+        if line.get("logger") == "apiyi_proxy.access"
+    ]
+    routes = {line["route"] for line in access}
+    assert routes == {"/healthz", "/admin", GENERATIONS, "/metrics"}, routes
+
+
+def test_two_workers_show_presets_and_exact_spend(
+    proxy_process: Callable[..., ProxyProcess], redis_server: RedisServer, tmp_path: Path
+) -> None:
+    env = {"APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN, "APIYI_PROXY_KEY_PEPPER": PEPPER}
+    args = [
+        "--fake-upstream",
+        "--workers",
+        "2",
+        "--config",
+        served_config(tmp_path, redis_server.url),
+    ]
+    served = proxy_process(env, args)
+    before = scrape_url(served.url)
+    assert ({"operation": "reserve"}, 0.0) in before["apiyi_proxy_store_errors_total"]
+    assert ({"model": MODEL, "outcome": "quota"}, 0.0) in before["apiyi_proxy_upstream_calls_total"]
+    answer = httpx.post(
+        served.url + "/admin/keys",
+        json={"name": "k"},
+        headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    key = answer.json()["key"]
+    with httpx.Client(timeout=30, headers={"authorization": f"Bearer {key}"}) as client:
+        for _ in range(3):  # new connections: either worker may answer
+            sent = client.post(
+                served.url + GENERATIONS,
+                json={"prompt": "a lighthouse", "response_format": "url"},
+                headers={"connection": "close"},
+            )
+            assert sent.status_code == 200
+    text = httpx.get(served.url + "/metrics").text
+    assert f'apiyi_proxy_spend_usd_total{{model="{MODEL}",team="none"}} 0.3\n' in text
+    assert "_created" not in text
