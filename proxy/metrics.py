@@ -129,6 +129,7 @@ _REJECTION_OF_ERROR: Final[dict[type[ProxyError], Rejection]] = {
     Forbidden: Rejection.MODEL_NOT_ALLOWED,
     Conflict: Rejection.IDEMPOTENCY,
     IdempotencyMismatch: Rejection.IDEMPOTENCY,
+    # Raised by the ledger alone, with the store's refusal as cause; these are fallbacks.
     RateLimited: Rejection.RPM,
     BudgetExceeded: Rejection.BUDGET_KEY_DAILY,
     StoreUnavailable: Rejection.STORE_UNAVAILABLE,

@@ -13,7 +13,9 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.metrics import EXPORTED_NAMES
+from proxy import errors
+from proxy.metrics import EXPORTED_NAMES, StoreRefused, rejection
+from proxy.store import Refusal
 
 from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, Proxy, ProxyProcess, RedisServer, billing
 
@@ -406,3 +408,22 @@ def test_two_workers_show_presets_and_exact_spend(
     text = httpx.get(served.url + "/metrics").text
     assert f'apiyi_proxy_spend_usd_total{{model="{MODEL}",team="none"}} 0.3\n' in text
     assert "_created" not in text
+
+
+def test_every_error_is_a_refusal_of_the_proxy_or_an_answer_of_the_upstream() -> None:
+    upstream = {errors.UpstreamFailed, errors.UpstreamStatus, errors.UpstreamTimeout}
+    for kind in errors.ProxyError.__subclasses__():
+        if kind in upstream or kind in (errors.NotFound, errors.MethodNotAllowed):
+            continue  # answers of the upstream; routes the image endpoint never answers
+        assert rejection(kind("x")) is not None, kind
+    assert rejection(errors.UpstreamStatus(403, "x", type_="t", code=None)) is None
+    assert rejection(errors.UpstreamFailed("x")) is None
+    for refusal, reason in (
+        (Refusal.TEAM_MONTHLY, "budget_team_monthly"),
+        (Refusal.REVOKED, "unauthorized"),
+    ):
+        try:
+            raise errors.BudgetExceeded("x") from StoreRefused(refusal)
+        except errors.BudgetExceeded as error:
+            found = rejection(error)
+        assert found is not None and found.value == reason
