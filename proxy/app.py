@@ -12,7 +12,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admin import Admin, error_response, json_response
@@ -131,10 +131,6 @@ def create_app(
     ]
     if settings.server.metrics_port is None:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
-    if settings.server.fake_upstream:
-        from .fake_upstream import FakeUpstream, create_fake_app
-
-        routes.append(Mount(FAKE_UPSTREAM_MOUNT, create_fake_app(FakeUpstream(api_key=None))))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -172,7 +168,30 @@ def create_app(
     # A path with a trailing slash is answered as the route itself (ImageRoutes): the
     # router's redirect would build its Location from the client's Host header.
     app.router.redirect_slashes = False
-    return ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, access_log)
+    proxy = ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, access_log)
+    if settings.server.fake_upstream:
+        from .fake_upstream import FakeUpstream, create_fake_app
+
+        return BesideTheFake(proxy, create_fake_app(FakeUpstream(api_key=None)))
+    return proxy
+
+
+class BesideTheFake:
+    """The proxy, with the built-in fake upstream at ``FAKE_UPSTREAM_MOUNT`` on its port.
+
+    The fake's calls are the upstream's, not the proxy's: they reach it before the
+    proxy's middleware, so they appear in neither its metrics nor its access log.
+    """
+
+    def __init__(self, proxy: ASGIApp, fake: ASGIApp) -> None:
+        self.proxy = proxy
+        self.fake = Router(routes=[Mount(FAKE_UPSTREAM_MOUNT, fake)])
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(FAKE_UPSTREAM_MOUNT + "/"):
+            await self.fake(scope, receive, send)
+            return
+        await self.proxy(scope, receive, send)
 
 
 class ImageRoutes:

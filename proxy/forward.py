@@ -13,6 +13,7 @@ client that reads slowly keeps it alive past the time its hold is renewed for.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,16 +25,17 @@ from .config import Settings
 from .errors import ProxyError, UpstreamFailed, UpstreamTimeout
 from .exchange import Exchange
 from .ledger import Hold
-from .metrics import Metrics
+from .metrics import Metrics, UpstreamOutcome
 from .money import Outcome, charge
 from .policy import Decision
 from .results import Capture
 from .rewrite import ImagesBodyRewriter, UpstreamBodyError
 from .upstream import TransportError, UpstreamClient, UpstreamResponse
-from .upstream_errors import Scrubber, scrubber, upstream_error
+from .upstream_errors import Answered, Scrubber, scrubber, upstream_error
 
 ERROR_BODY_LIMIT = 64 * 1024
 HOLD_BYTES = 64 * 1024
+log = logging.getLogger("apiyi_proxy.upstream")
 Body = tuple[bytes | AsyncIterator[bytes], dict[str, str]]
 BodyFactory = Callable[[], Body]
 
@@ -137,14 +139,32 @@ class Forwarder:
         }
         return await self._upstream.post(self._path, headers, content)
 
-    def _error(self, call: Call, response: UpstreamResponse, raw: bytes) -> ProxyError:
-        return upstream_error(
+    def _error(self, call: Call, response: UpstreamResponse, raw: bytes) -> Answered:
+        answered = upstream_error(
             response.status,
             raw,
             dict(response.headers),
             scrub=self._scrub,
             caller_key=call.caller.upstream_key,
         )
+        if answered.outcome is UpstreamOutcome.QUOTA:
+            log.warning(
+                "the upstream refused a %s call: the proxy's upstream account is out of "
+                "quota; every call fails until it is topped up",
+                call.decision.model,
+            )
+        elif answered.outcome is UpstreamOutcome.AUTH:
+            log.warning(
+                "the upstream refused the proxy's upstream key (status %d); every call "
+                "fails until APIYI_API_KEY is fixed",
+                response.status,
+            )
+        return answered
+
+    def _count(self, call: Call, outcomes: list[UpstreamOutcome]) -> None:
+        calls = self._metrics.upstream_calls
+        for outcome in outcomes:
+            calls.labels(call.decision.model, outcome.value).inc()
 
     def _headers(self, adjusted: str | None) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", b"application/json")]
@@ -171,6 +191,7 @@ class Forwarder:
         started = time.perf_counter()
         deadline = asyncio.get_running_loop().time() + self._total
         outcome = Outcome.CRASH
+        answered: UpstreamOutcome | None = None  # a non-200 answer's outcome
         try:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -186,8 +207,9 @@ class Forwarder:
                     # a bad key); failed: it could not serve it.
                     outcome = Outcome.REFUSED if response.status < 500 else Outcome.FAILED
                     raw = await _read_error(response)
+                    error, answered = self._error(call, response, raw)
                     await self._settle(call, [outcome], 0)
-                    raise self._error(call, response, raw)
+                    raise error
                 outcome = await self._stream_one(call, response, send, deadline)
             finally:
                 await response.close()
@@ -195,6 +217,7 @@ class Forwarder:
             ex.upstream_seconds = time.perf_counter() - started
             model = call.decision.model
             self._metrics.upstream_seconds.labels(model, outcome.value).observe(ex.upstream_seconds)
+            self._count(call, [answered or UpstreamOutcome.of(outcome)])
 
     async def _stream_one(
         self, call: Call, response: UpstreamResponse, send: Send, deadline: float
@@ -236,15 +259,18 @@ class Forwarder:
                 )
         except TimeoutError:
             ex.upstream_seconds = time.perf_counter() - started
+            self._count(call, [UpstreamOutcome.TIMEOUT] * n)
             await self._settle(call, [Outcome.TIMEOUT] * n, 0)
             raise _transport_error(Outcome.TIMEOUT) from None
         ok: list[UpstreamResponse] = []
         errors: list[ProxyError] = []
         outcomes: list[Outcome] = []
+        counted: list[UpstreamOutcome] = []  # of the calls that brought no 200
         for result in results:
             if isinstance(result, TransportError):
                 outcome = _sent_outcome(result)
                 outcomes.append(outcome)
+                counted.append(UpstreamOutcome.of(outcome))
                 errors.append(_transport_error(outcome))
             elif isinstance(result, BaseException):
                 raise result
@@ -254,10 +280,13 @@ class Forwarder:
                 outcomes.append(Outcome.REFUSED if result.status < 500 else Outcome.FAILED)
                 raw = await _read_error(result)
                 await result.close()
-                errors.append(self._error(call, result, raw))
+                error, answered = self._error(call, result, raw)
+                counted.append(answered)
+                errors.append(error)
         ex.upstream_status = 200 if ok else errors[0].status
         if not ok:
             ex.upstream_seconds = time.perf_counter() - started
+            self._count(call, counted)
             await self._settle(call, outcomes, 0)
             raise errors[0]
         if len(ok) < n:
@@ -280,6 +309,7 @@ class Forwarder:
                 await response.close()
             # Answers not read to the end came as 200s: their images were made.
             outcomes += [Outcome.CUT_BEFORE_IMAGE] * (n - len(outcomes))
+            self._count(call, counted + [UpstreamOutcome.of(o) for o in outcomes[len(counted) :]])
             await self._settle(call, outcomes, returned)
         if timed_out:
             if responder.started:

@@ -35,7 +35,7 @@ from .idempotency import (
 )
 from .keys import KeyHasher
 from .ledger import Ledger
-from .metrics import Metrics
+from .metrics import Metrics, rejection
 from .money import Outcome, Resolution, charge
 from .policy import Decision, RequestPolicy
 from .upstream import UpstreamClient
@@ -152,7 +152,9 @@ class ImagesEndpoint:
             ex.error_code = error.code
             if admitted is not None and key_refused(error):
                 await self.s.auth.forget_refused(admitted.caller, ex.hold)
-            self.s.metrics.rejections.labels(error.code or "invalid_request").inc()
+            reason = rejection(error)  # None for the upstream's answers, counted as calls
+            if reason is not None:
+                self.s.metrics.rejections.labels(reason.value).inc()
             presence = dedupe.presence
             await send_error(presence.wrap(send) if presence else send, error)
         except ClientGone:

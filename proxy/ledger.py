@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from .config import Settings
 from .errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable, Unauthorized
-from .metrics import Metrics
+from .metrics import HOLD_EXPIRED, NO_TEAM, Metrics, StoreOperation, StoreRefused
 from .money import Charge
 from .store import (
     ClaimRequest,
@@ -105,7 +105,7 @@ class Ledger:
         self._open: dict[str, Hold] = {}  # this process's open holds, renewed
         # Steps decided but not yet written (settles, releases, abandoned claims) by
         # what they act on, with the store operation they count as.
-        self._unwritten: dict[str, tuple[str, Callable[[], Awaitable[object]]]] = {}
+        self._unwritten: dict[str, tuple[StoreOperation, Callable[[], Awaitable[object]]]] = {}
         self._wake = asyncio.Event()
         self._store_back = asyncio.Event()
         self._fallback = MemoryStore() if settings.store.on_error == "open" else None
@@ -117,9 +117,11 @@ class Ledger:
         self._seeds = {
             name: Team(name, limits) for name, limits in settings.ledger.team_seeds().items()
         }
+        self._keys_seen = False  # the store's keys are read once, for their teams' metrics
+        metrics.learn(models=(m.name for m in settings.policy.models), teams=self._seeds)
 
     # store calls ---------------------------------------------------------------------
-    async def call(self, operation: str, step: Callable[[], Awaitable[T]]) -> T:
+    async def call(self, operation: StoreOperation, step: Callable[[], Awaitable[T]]) -> T:
         """Run one store step within the store timeout; failures become 503."""
         started = time.perf_counter()
         try:
@@ -167,6 +169,8 @@ class Ledger:
             team=key.team,
             claim=claim,
         )
+        team = key.team or NO_TEAM
+        self._metrics.learn_team(team)  # at 0 before its first spend
         store = self.store
         try:
             reservation = await self.call("reserve", lambda: store.reserve(request))
@@ -189,9 +193,8 @@ class Ledger:
             await store.add_key(key)
             reservation = await store.reserve(request)
         if reservation.refusal is not None:
-            self._metrics.rejections.labels(reservation.refusal.value).inc()
-            raise _refusal_error(reservation.refusal, reservation.retry_after)
-        team = key.team or "none"
+            refusal = reservation.refusal
+            raise _refusal_error(refusal, reservation.retry_after) from StoreRefused(refusal)
         if reservation.team_remaining:
             for period, remaining in reservation.team_remaining.items():
                 kind = "day" if len(period) == 10 else "month"
@@ -208,9 +211,9 @@ class Ledger:
         spent, uncertain = charge.spent, charge.uncertain
         model, outcome = hold.request.model, charge.resolution.value
         if spent:
-            self._metrics.spend_usd.labels(model, hold.team).inc(spent / 1e6)
+            self._metrics.spend_micros.labels(model, hold.team).inc(spent)
         if uncertain:
-            self._metrics.uncertain_usd.labels(model, hold.team).inc(uncertain / 1e6)
+            self._metrics.uncertain_micros.labels(model, hold.team).inc(uncertain)
         if hold.store is not self.store:
             await hold.store.settle(hold.id, spent, uncertain)
             self._metrics.holds_resolved.labels(outcome).inc()
@@ -242,7 +245,7 @@ class Ledger:
     def write_later(
         self,
         ref: str,
-        operation: str,
+        operation: StoreOperation,
         step: Callable[[], Awaitable[object]],
         *,
         droppable: bool = True,
@@ -335,7 +338,7 @@ class Ledger:
             with contextlib.suppress(ProxyError):
                 expired = await self.call("expire", self.store.expire_holds)
                 if expired:
-                    self._metrics.holds_resolved.labels("expired").inc(expired)
+                    self._metrics.holds_resolved.labels(HOLD_EXPIRED).inc(expired)
 
     async def seed_teams(self) -> None:
         """Create the config file's teams the store lacks: at start-up, and again after
@@ -353,10 +356,16 @@ class Ledger:
     async def refresh_budgets(self) -> None:
         """Re-seed the config file's teams, then set the team budget gauges from the
         store: a quiet team's gauge must not keep yesterday's value, and a new period
-        starts full."""
+        starts full. Teams (and, the first time, the teams of keys) get their metrics."""
         await self.seed_teams()
+        if not self._keys_seen:
+            keys = await self.call("key", self.store.keys)
+            self._metrics.learn(teams=(k.team for k in keys if k.team))
+            self._keys_seen = True
         periods = self.periods()
-        for team in await self.call("teams", self.store.teams):
+        teams = await self.call("teams", self.store.teams)
+        self._metrics.learn(teams=(team.name for team in teams))
+        for team in teams:
             for kind, period in (("day", periods.day), ("month", periods.month)):
                 tally = await self.call(
                     "tally", functools.partial(self.store.tally, "team", team.name, period)

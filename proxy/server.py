@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 
 import uvicorn
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client import multiprocess as prom_multiprocess
 from uvicorn.supervisors import Multiprocess
 
 from . import __version__, logs
@@ -35,7 +34,7 @@ from .config import Settings
 from .edge import Edge, EdgeProtocol
 from .images import Services
 from .keys import issue_key
-from .metrics import Metrics
+from .metrics import Metrics, multiprocess_collector
 
 log = logging.getLogger("apiyi_proxy")
 FAKE_UPSTREAM_KEY = "fake-upstream-key"
@@ -111,7 +110,7 @@ def serve(settings: Settings, config_path: str | None = None) -> None:
 def _serve_one(settings: Settings, sock: socket.socket) -> None:
     metrics = Metrics()
     if settings.server.metrics_port is not None:
-        _metrics_server(settings, metrics.registry)
+        _metrics_server(settings, metrics.collector())
     _announce(settings)
     first_key = settings.auth.mode == "keys" and not settings.store.shared
     app = create_app(settings, metrics=metrics, on_ready=_first_key if first_key else None)
@@ -265,9 +264,7 @@ def _serve_workers(settings: Settings, sock: socket.socket, config_path: str | N
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     try:
         if settings.server.metrics_port is not None:
-            registry = CollectorRegistry()
-            prom_multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
-            _metrics_server(settings, registry)
+            _metrics_server(settings, multiprocess_collector(directory))
         _announce(settings)
         config = uvicorn.Config(
             "proxy.server:worker_app",

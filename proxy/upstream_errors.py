@@ -4,19 +4,21 @@ The upstream's message is kept (it helps the caller), scrubbed of its address, t
 proxy's upstream key and anything shaped like a secret; its ``code`` and ``param`` pass
 only from fixed vocabularies and its ``type`` never (the proxy picks one from the
 status). Its error about the proxy's own key or account becomes a 502 that names
-neither.
+neither. Each answer also gets its ``UpstreamOutcome``, so that a quota or key refusal
+(the operator's to fix) is counted apart from a caller's bad request.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import urlsplit
 
 import orjson
 
 from .errors import ProxyError, UpstreamFailed, UpstreamStatus
+from .metrics import UpstreamOutcome
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -49,6 +51,9 @@ KNOWN_CODES = QUOTA_CODES | {
     "unsupported_parameter",
 }
 UNKNOWN_CODE = "upstream_error"
+# The proxy's own codes for the upstream refusing its key or account (keys mode).
+QUOTA_EXHAUSTED = "upstream_quota_exhausted"
+AUTH_FAILED = "upstream_auth_failed"
 # The request fields an upstream error may point at as its ``param``.
 KNOWN_PARAMS = frozenset(
     {"model", "prompt", "size", "response_format", "n", "image", "image[]", "mask", "user"}
@@ -168,6 +173,13 @@ def retry_after_of(headers: dict[str, str]) -> float | None:
     return None
 
 
+class Answered(NamedTuple):
+    """An upstream error answer: the error to send, and the call's outcome."""
+
+    error: ProxyError
+    outcome: UpstreamOutcome
+
+
 def upstream_error(
     status: int,
     body: bytes,
@@ -175,13 +187,32 @@ def upstream_error(
     *,
     scrub: Scrubber,
     caller_key: str | None = None,
-) -> ProxyError:
-    """The error to answer for an upstream non-200 answer.
+) -> Answered:
+    """The error to answer for an upstream non-200 answer, and what the answer was.
 
     ``caller_key`` is a passthrough caller's own upstream key (None in keys mode).
     Every field is rebuilt: the message scrubbed, the code and param only from the
     proxy's vocabularies, the type chosen by the proxy from the status.
     """
+    error = _error(status, body, headers, scrub, caller_key)
+    return Answered(error, _outcome(status, error))
+
+
+def _outcome(status: int, error: ProxyError) -> UpstreamOutcome:
+    if error.code == QUOTA_EXHAUSTED:
+        return UpstreamOutcome.QUOTA
+    if error.code == AUTH_FAILED:
+        return UpstreamOutcome.AUTH
+    if status >= 500:
+        return UpstreamOutcome.ERROR
+    if error.type == "rate_limit_error":
+        return UpstreamOutcome.RATE_LIMITED
+    return UpstreamOutcome.REFUSED
+
+
+def _error(
+    status: int, body: bytes, headers: dict[str, str], scrub: Scrubber, caller_key: str | None
+) -> ProxyError:
     passthrough = caller_key is not None
     error = parse_error(body)
     code = known_code(error.get("code"))
@@ -190,10 +221,15 @@ def upstream_error(
     quota = code in QUOTA_CODES
     if not passthrough and (status in (401, 403) or quota):
         # About the proxy's own upstream key or account: the caller can do nothing.
-        what = "quota is exhausted" if quota else "credentials were refused"
+        if quota:
+            return UpstreamFailed(
+                "The proxy's upstream account is out of quota; the proxy's operator has to "
+                "top it up.",
+                code=QUOTA_EXHAUSTED,
+            )
         return UpstreamFailed(
-            f"The proxy's upstream {what}; the operator has been alerted.",
-            code="upstream_quota_exhausted" if quota else "upstream_auth_failed",
+            "The proxy's upstream credentials were refused; the proxy's operator has to fix them.",
+            code=AUTH_FAILED,
         )
     if status == 401 or (status == 403 and code == KEY_REFUSED):
         code = KEY_REFUSED  # the caller's own key (passthrough)

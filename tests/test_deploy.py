@@ -82,11 +82,16 @@ def exported(exposition: str) -> tuple[set[str], set[str]]:
 
 
 def sample_value(exposition: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(exposition):
-        for sample in family.samples:
-            if sample.name == name and labels.items() <= sample.labels.items():
-                return float(sample.value)
-    raise AssertionError(f"no sample {name}{labels} in the exposition")
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    found = [
+        float(sample.value)
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    ]
+    if not found:
+        raise AssertionError(f"no sample {name}{labels} in the exposition")
+    return sum(found)
 
 
 def family_of(name: str, families: set[str]) -> str:
@@ -153,7 +158,7 @@ def test_alert_rules_use_only_metrics_the_proxy_exports(proxy: Proxy) -> None:
     covered = {family_of(name, families) for name in used}
     for needed in (
         "apiyi_proxy_budget_remaining_usd",
-        "apiyi_proxy_upstream_duration_seconds",
+        "apiyi_proxy_upstream_calls",
         "apiyi_proxy_store_errors",
         "apiyi_proxy_uncertain_spend_usd",
         "apiyi_proxy_overhead_seconds",
@@ -164,7 +169,10 @@ def test_alert_rules_use_only_metrics_the_proxy_exports(proxy: Proxy) -> None:
 def test_dashboard_uses_only_metrics_the_proxy_exports(proxy: Proxy) -> None:
     exposition = scrape_after_traffic(proxy)
     families, series = exported(exposition)
-    assert sample_value(exposition, "apiyi_proxy_budget_remaining_usd", team="design") < 5
+    assert (
+        sample_value(exposition, "apiyi_proxy_budget_remaining_usd", team="design", period="day")
+        < 5
+    )
     used = metric_names(dashboard_expressions())
     assert not used - series, f"not exported by the proxy: {sorted(used - series)}"
     covered = {family_of(name, families) for name in used}
@@ -173,6 +181,7 @@ def test_dashboard_uses_only_metrics_the_proxy_exports(proxy: Proxy) -> None:
         "apiyi_proxy_budget_remaining_usd",
         "apiyi_proxy_requests",
         "apiyi_proxy_upstream_duration_seconds",
+        "apiyi_proxy_upstream_calls",
         "apiyi_proxy_overhead_seconds",
         "apiyi_proxy_in_flight_requests",
         "apiyi_proxy_holds_outstanding",
@@ -467,3 +476,30 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_non_root() -> None:
     ]
     assert {".git", ".venv"} <= set(ignored)
     assert not {"proxy", "pyproject.toml", "README.md"} & set(ignored)
+
+
+def duration_seconds(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([0-9.]+)([smh])", text))
+
+
+def test_the_quota_and_key_alerts_fire_within_two_minutes_at_the_deployed_intervals() -> None:
+    scrape = yaml.safe_load(PROMETHEUS.read_text())["global"]
+    rules = {
+        r["alert"]: r
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for r in group["rules"]
+    }
+    for name, outcome in (
+        ("ApiyiProxyUpstreamQuotaExhausted", "quota"),
+        ("ApiyiProxyUpstreamKeyRefused", "auth"),
+    ):
+        rule = rules[name]
+        assert f'outcome="{outcome}"' in rule["expr"] and rule["labels"]["severity"] == "critical"
+        # The next scrape sees the refusal, the next evaluation fires (or starts waiting).
+        worst = (
+            duration_seconds(scrape["scrape_interval"])
+            + duration_seconds(scrape["evaluation_interval"])
+            + duration_seconds(rule.get("for", "0s"))
+        )
+        assert worst <= 120, (name, worst)

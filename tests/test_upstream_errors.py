@@ -10,6 +10,7 @@ import pytest
 
 from proxy.errors import Unauthorized
 from proxy.fake_upstream import FakeUpstream, create_fake_app, make_png
+from proxy.metrics import UpstreamOutcome
 from proxy.upstream_errors import KNOWN_CODES, UNKNOWN_CODE, Scrubber, key_refused, upstream_error
 
 from .conftest import ADMIN_TOKEN, Proxy, ProxyProcess, ThreadServer
@@ -27,7 +28,7 @@ def body(message: str, code: str | None = None, type_: str = "new_api_error") ->
 def mapped(status: int, raw: bytes, passthrough: bool = False, **headers: str) -> dict:  # type: ignore[type-arg]
     error = upstream_error(
         status, raw, headers, scrub=SCRUB, caller_key=CALLER_KEY if passthrough else None
-    )
+    ).error
     return {
         "status": error.status,
         "body": orjson.loads(error.body())["error"],
@@ -65,6 +66,37 @@ def test_quota_is_502_in_keys_mode_and_passes_in_passthrough() -> None:
     assert m["status"] == 403
 
 
+@pytest.mark.parametrize(
+    ("status", "raw", "passthrough", "outcome"),
+    [
+        (403, body("quota", "insufficient_user_quota"), False, UpstreamOutcome.QUOTA),
+        (429, body("quota", "insufficient_quota"), False, UpstreamOutcome.QUOTA),
+        (500, body("quota", "quota_exceeded"), False, UpstreamOutcome.QUOTA),
+        (401, body("bad token"), False, UpstreamOutcome.AUTH),
+        (403, body("forbidden"), False, UpstreamOutcome.AUTH),
+        # A passthrough caller's own account or key is the caller's, not the operator's.
+        (403, body("quota", "insufficient_user_quota"), True, UpstreamOutcome.REFUSED),
+        (401, body("bad token"), True, UpstreamOutcome.REFUSED),
+        (429, body("busy", None, "rate_limit_error"), False, UpstreamOutcome.RATE_LIMITED),
+        (400, body("blocked", "moderation_blocked"), False, UpstreamOutcome.REFUSED),
+        (451, body("blocked"), True, UpstreamOutcome.REFUSED),
+        (502, b"<html>bad gateway</html>", False, UpstreamOutcome.ERROR),
+    ],
+)
+def test_each_upstream_answer_has_its_outcome(
+    status: int, raw: bytes, passthrough: bool, outcome: UpstreamOutcome
+) -> None:
+    caller_key = CALLER_KEY if passthrough else None
+    answered = upstream_error(status, raw, {}, scrub=SCRUB, caller_key=caller_key)
+    assert answered.outcome is outcome
+
+
+def test_the_operators_problems_promise_no_alert() -> None:
+    for raw in (body("quota", "insufficient_user_quota"), body("bad token")):
+        message = mapped(403, raw)["body"]["message"]
+        assert "operator" in message and "alert" not in message
+
+
 def test_429_busy_carries_retry_after() -> None:
     m = mapped(429, body("busy", None, "rate_limit_error"), **{"retry-after": "7"})
     assert m["status"] == 429 and m["body"]["type"] == "rate_limit_error"
@@ -95,7 +127,7 @@ def test_messages_never_carry_secrets_or_addresses() -> None:
     ],
 )
 def test_a_refused_passthrough_key_has_one_fixed_code(status: int, raw: bytes) -> None:
-    error = upstream_error(status, raw, {}, scrub=SCRUB, caller_key=CALLER_KEY)
+    error = upstream_error(status, raw, {}, scrub=SCRUB, caller_key=CALLER_KEY).error
     assert key_refused(error)
     assert (error.status, error.code) == (status, "invalid_api_key")
     m = mapped(status, raw, passthrough=True)
@@ -113,7 +145,7 @@ def test_a_refused_passthrough_key_has_one_fixed_code(status: int, raw: bytes) -
 )
 def test_other_answers_do_not_refuse_the_key(status: int, raw: bytes, passthrough: bool) -> None:
     caller_key = CALLER_KEY if passthrough else None
-    error = upstream_error(status, raw, {}, scrub=SCRUB, caller_key=caller_key)
+    error = upstream_error(status, raw, {}, scrub=SCRUB, caller_key=caller_key).error
     assert not key_refused(error)
 
 
@@ -153,7 +185,7 @@ def test_upstream_key_and_address_never_pass_in_any_field(
         {},
         scrub=ECHOING,
         caller_key=CALLER_KEY if passthrough else None,
-    )
+    ).error
     rendered = error.body().decode() + str(error.headers())
     for secret in (UPSTREAM_KEY, CALLER_KEY, "10.1.2.3", "8443", "Bearer sk-"):
         assert secret not in rendered
@@ -174,22 +206,22 @@ def test_upstream_key_and_address_never_pass_in_any_field(
 
 
 def test_codes_pass_only_from_the_vocabulary() -> None:
-    known = upstream_error(400, body("blocked", "content_policy_violation"), {}, scrub=SCRUB)
+    known = upstream_error(400, body("blocked", "content_policy_violation"), {}, scrub=SCRUB).error
     assert known.code == "content_policy_violation"
     for code in ("invalid_size ", "its_own_code", "a" * 500, "code\nwith newline"):
-        error = upstream_error(400, body("x", code), {}, scrub=SCRUB)
+        error = upstream_error(400, body("x", code), {}, scrub=SCRUB).error
         assert error.code == UNKNOWN_CODE
-    assert upstream_error(400, body("x", None), {}, scrub=SCRUB).code is None
+    assert upstream_error(400, body("x", None), {}, scrub=SCRUB).error.code is None
 
 
 def test_param_passes_only_as_a_request_field_and_type_is_the_proxys() -> None:
     raw = orjson.dumps(
         {"error": {"message": "m", "type": "new_api_error", "param": "size", "code": None}}
     )
-    error = upstream_error(400, raw, {}, scrub=SCRUB)
+    error = upstream_error(400, raw, {}, scrub=SCRUB).error
     assert (error.param, error.type) == ("size", "invalid_request_error")
     raw = orjson.dumps({"error": {"message": "m", "type": "x", "param": "size; rm", "code": 1}})
-    error = upstream_error(400, raw, {}, scrub=SCRUB)
+    error = upstream_error(400, raw, {}, scrub=SCRUB).error
     assert (error.param, error.code) == (None, UNKNOWN_CODE)
 
 
