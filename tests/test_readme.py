@@ -15,11 +15,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from proxy import config
 from proxy.app import create_app
+from proxy.metrics import EXPORTED_NAMES
 
 from .conftest import ROOT, ProxyProcess
 
@@ -141,3 +143,17 @@ def test_the_readme_examples_run_against_serve_fake_upstream(
     routes = [request["route"] for request in billed.json()["requests"]]
     assert routes == ["generations", "edits"]
     assert billed.json()["images_billed"] == 2
+
+
+def test_the_metrics_table_names_every_exported_family() -> None:
+    table = section(README, "Metrics")
+    named = set(re.findall(r"`(apiyi_proxy_[a-z_]+)`", table))
+    assert named == set(EXPORTED_NAMES)
+
+
+def test_deploy_readme_lists_every_alert_rule() -> None:
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    alerts = {rule["alert"] for group in rules["groups"] for rule in group["rules"]}
+    table = section(DEPLOY_README, "Alerts (`prometheus/alerts.yml`)")
+    listed = set(re.findall(r"^\| `(ApiyiProxy[A-Za-z]+)` \|", table, re.MULTILINE))
+    assert listed == alerts
