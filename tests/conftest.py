@@ -224,6 +224,18 @@ class ProxyProcess:
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 
+    def new_key(self, name: str, **fields: Any) -> str:
+        """A client key made through the admin API (the process needs ADMIN_TOKEN)."""
+        created = httpx.post(
+            self.url + "/admin/keys",
+            json={"name": name, **fields},
+            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=10,
+        )
+        assert created.status_code == 201, created.text
+        key: str = created.json()["key"]
+        return key
+
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)

@@ -129,9 +129,11 @@ def exercise_store_commands(run: Run) -> None:
     assert "shown this once" in created.stderr
 
     listed = json.loads(run("keys", "list").stdout)
-    assert [k["id"] for k in listed] == [*before, record["id"]]
+    # Listed by creation time to the second, then by id: compare as sets.
+    assert sorted(k["id"] for k in listed) == sorted([*before, record["id"]])
     assert record["key"] not in json.dumps(listed)
-    assert listed[-1]["display"] == "sk-…" + record["key"][-4:]
+    (shown,) = (k for k in listed if k["id"] == record["id"])
+    assert shown["display"] == "sk-…" + record["key"][-4:]
 
     updated = json.loads(run("keys", "update", record["id"], "--rpm", "60").stdout)
     assert updated["rpm"] == 60 and updated["daily_usd"] == 5
@@ -150,8 +152,9 @@ def exercise_store_commands(run: Run) -> None:
     assert revoked["revoked"] is True and revoked["id"] == record["id"]
     assert revoked["name"] == "robot"
     usage = json.loads(run("usage").stdout)
-    assert [k["id"] for k in usage["keys"]] == [*before, record["id"]]
-    assert usage["keys"][-1]["today"]["spent_usd"] == 0
+    assert sorted(k["id"] for k in usage["keys"]) == sorted([*before, record["id"]])
+    (used,) = (k for k in usage["keys"] if k["id"] == record["id"])
+    assert used["today"]["spent_usd"] == 0
     assert usage["teams"][0]["team"] == "design"
     assert usage["teams"][0]["today"]["limit_usd"] == 50
     only = json.loads(run("usage", "--team", "nobody").stdout)

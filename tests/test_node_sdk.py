@@ -72,17 +72,10 @@ def node_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[st
             }
         )
         try:
-            created = httpx.post(
-                proxy.url + "/admin/keys",
-                json={"name": "node-sdk"},
-                headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
-                timeout=10,
-            )
-            assert created.status_code == 201, created.text
             env = {
                 **os.environ,
                 "OPENAI_BASE_URL": proxy.url + "/v1",
-                "OPENAI_API_KEY": created.json()["key"],
+                "OPENAI_API_KEY": proxy.new_key("node-sdk"),
                 "EDIT_IMAGE": str(image),
             }
             done = subprocess.run(

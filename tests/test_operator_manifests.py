@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import pytest
 import yaml
 
 from proxy import config
 
 from .conftest import ROOT
+from .test_deploy import promtool
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -54,15 +53,6 @@ def run_generator(*args: str | Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=60,
         check=False,
-    )
-
-
-def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    binary = shutil.which("promtool")
-    if binary is None:
-        pytest.fail("promtool is not installed: apt-get install prometheus (.ci/run does)")
-    return subprocess.run(
-        [binary, *args], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
 
 

@@ -106,15 +106,7 @@ class Stack:
         self.prometheus = Prometheus([instance(money), instance(stored)])
 
     def key(self, proxy: ProxyProcess) -> str:
-        answer = httpx.post(
-            proxy.url + "/admin/keys",
-            json={"name": "scraped"},
-            headers={"authorization": f"Bearer {ADMIN_TOKEN}"},
-            timeout=10,
-        )
-        assert answer.status_code == 201, answer.text
-        key: str = answer.json()["key"]
-        return key
+        return proxy.new_key("scraped")
 
     def scraped_twice(self, proxy: ProxyProcess, name: str, **labels: str) -> None:
         """Wait until Prometheus holds two samples of ``name`` (at 0) from ``proxy``."""
