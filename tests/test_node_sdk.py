@@ -18,12 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.routing import Match
 
-from proxy.app import create_app
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 
-from .conftest import ADMIN_TOKEN, ROOT, UPSTREAM_KEY, ProxyProcess, ThreadServer, settings_for
+from .conftest import ADMIN_TOKEN, ROOT, UPSTREAM_KEY, ProxyProcess, ThreadServer
 from .test_sdk import PNG, _tiny_png
 
 NODE_DIR = ROOT / "tests" / "node"
@@ -45,16 +43,6 @@ def node_and_sdk() -> str:
     if version != pinned:
         pytest.fail(f"tests/node has openai {version}, package.json pins {pinned}: {INSTALL}")
     return node
-
-
-def serves_model_retrieval() -> bool:
-    """Whether the proxy routes GET /v1/models/{id} (the app's route table decides)."""
-    app: Any = create_app(settings_for("http://127.0.0.1:9"))
-    with ThreadServer(app):  # its lifespan opens and closes what the app holds
-        while not hasattr(app, "routes"):  # through the ASGI layers to the Starlette app
-            app = app.app
-        scope = {"type": "http", "method": "GET", "path": f"/v1/models/{MODEL}"}
-        return any(route.matches(scope)[0] is Match.FULL for route in app.routes)
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +127,13 @@ def test_node_models_list_names_the_models(node_run: Any) -> None:
     assert {MODEL, "gpt-image-2-all", "gpt-image-1"} <= set(facts["models"]["ids"])
 
 
-def test_node_models_retrieve_answers_as_the_route_table_says(node_run: Any) -> None:
+def test_node_models_retrieve_a_model_an_alias_and_an_unknown_id(node_run: Any) -> None:
     facts, _ = node_run
-    if serves_model_retrieval():
-        assert facts["retrieve"] == {"id": MODEL, "object": "model"}
-    else:
-        # Until GET /v1/models/{id} is routed, the SDK must see the proxy's own 404.
-        assert facts["retrieve"]["error"] == "NotFoundError"
-        assert facts["retrieve"]["status"] == 404
+    assert facts["retrieve"] == {"id": MODEL, "object": "model"}
+    assert facts["retrieve_alias"] == {"id": "dall-e-3", "object": "model", "alias_of": MODEL}
+    assert facts["retrieve_unknown"]["error"] == "NotFoundError"
+    assert facts["retrieve_unknown"]["status"] == 404
+    assert facts["retrieve_unknown"]["code"] == "model_not_found"
 
 
 def test_node_refusals_never_reach_the_upstream(node_run: Any) -> None:

@@ -89,4 +89,14 @@ results.retrieve = await check(async () => {
   return { id: model.id, object: model.object };
 });
 
+results.retrieve_alias = await check(async () => {
+  const model = await client.models.retrieve("dall-e-3");
+  return { id: model.id, object: model.object, alias_of: model.alias_of };
+});
+
+results.retrieve_unknown = await check(async () => {
+  const model = await client.models.retrieve("no-such-model");
+  return { id: model.id };
+});
+
 console.log(JSON.stringify(results));
