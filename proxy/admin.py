@@ -20,7 +20,7 @@ from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
 from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes, team_name
-from .store import KeyRecord, Limits, Team
+from .store import KeyRecord, Limits, Periods, Team
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -182,28 +182,9 @@ class Admin:
 
     # usage ---------------------------------------------------------------------------
     async def usage(self, request: Request) -> Response:
-        periods = self.ledger.periods()
-        keys = await self.ledger.call("admin", self.store.keys)
-        wanted_key = request.query_params.get("key")
-        wanted_team = request.query_params.get("team")
-        rows = []
-        for key in keys:
-            if wanted_key and key.id != wanted_key:
-                continue
-            if wanted_team and key.team != wanted_team:
-                continue
-            rows.append({**key.public(), **await self._tallies("key", key.id, periods)})
-        teams = sorted(
-            {k.team for k in keys if k.team}
-            | {t.name for t in await self.ledger.call("admin", self.store.teams)}
-        )
-        team_rows = [
-            {"team": t, **await self._tallies("team", t, periods)}
-            for t in teams
-            if not wanted_team or t == wanted_team
-        ]
+        query = request.query_params
         return json_response(
-            {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
+            await usage_report(self.ledger, key=query.get("key"), team=query.get("team"))
         )
 
     async def own_usage(self, request: Request) -> Response:
@@ -217,23 +198,47 @@ class Admin:
                 "key": key.public(),
                 "day": periods.day,
                 "month": periods.month,
-                **await self._tallies("key", key.id, periods),
+                **await _tallies(self.ledger, "key", key.id, periods),
             }
             if key.team:
                 result["team"] = {
                     "name": key.team,
-                    **await self._tallies("team", key.team, periods),
+                    **await _tallies(self.ledger, "team", key.team, periods),
                 }
             return json_response(result)
         except ProxyError as error:
             return error_response(error)
 
-    async def _tallies(self, scope: str, name: str, periods: Any) -> dict[str, Any]:
-        day = await self.ledger.call("usage", lambda: self.store.tally(scope, name, periods.day))
-        month = await self.ledger.call(
-            "usage", lambda: self.store.tally(scope, name, periods.month)
-        )
-        return {"today": day.as_usd(), "this_month": month.as_usd()}
+
+async def usage_report(
+    ledger: Ledger, *, key: str | None = None, team: str | None = None
+) -> dict[str, Any]:
+    """Spend per key and per team, today and this month, as ``GET /admin/usage`` and
+    ``apiyi-proxy usage`` show it: the teams of keys and the teams set on their own."""
+    store = ledger.store
+    periods = ledger.periods()
+    keys = await ledger.call("admin", store.keys)
+    rows = [
+        {**k.public(), **await _tallies(ledger, "key", k.id, periods)}
+        for k in keys
+        if (not key or k.id == key) and (not team or k.team == team)
+    ]
+    teams = sorted(
+        {k.team for k in keys if k.team} | {t.name for t in await ledger.call("admin", store.teams)}
+    )
+    team_rows = [
+        {"team": t, **await _tallies(ledger, "team", t, periods)}
+        for t in teams
+        if not team or t == team
+    ]
+    return {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
+
+
+async def _tallies(ledger: Ledger, scope: str, name: str, periods: Periods) -> dict[str, Any]:
+    store = ledger.store
+    day = await ledger.call("usage", lambda: store.tally(scope, name, periods.day))
+    month = await ledger.call("usage", lambda: store.tally(scope, name, periods.month))
+    return {"today": day.as_usd(), "this_month": month.as_usd()}
 
 
 def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:

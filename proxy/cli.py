@@ -262,16 +262,8 @@ def _fake_upstream(args: argparse.Namespace) -> int:
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args, fake_upstream=args.fake_upstream)
     config_module.check_serving(settings)
-    print(yaml.safe_dump(_plain(settings.masked()), sort_keys=False), end="")
+    print(yaml.safe_dump(settings.masked(), sort_keys=False), end="")
     return 0
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value
 
 
 # keys, teams, usage --------------------------------------------------------------------
@@ -441,28 +433,12 @@ def _teams_set(args: argparse.Namespace) -> int:
 
 def _usage(args: argparse.Namespace) -> int:
     async def direct(settings: Settings, store: Store) -> int:
+        from .admin import usage_report
         from .ledger import Ledger
         from .metrics import Metrics
 
-        periods = Ledger(store, settings, Metrics()).periods()
-        keys = await store.keys()
-        rows: list[dict[str, Any]] = []
-        for key in keys:
-            if (args.key and key.id != args.key) or (args.team and key.team != args.team):
-                continue
-            day = await store.tally("key", key.id, periods.day)
-            month = await store.tally("key", key.id, periods.month)
-            rows.append({**key.public(), "today": day.as_usd(), "this_month": month.as_usd()})
-        # As the admin API counts them: the teams of keys and the teams set on their own.
-        teams = sorted({k.team for k in keys if k.team} | {t.name for t in await store.teams()})
-        team_rows = []
-        for name in teams:
-            if args.team and name != args.team:
-                continue
-            day = await store.tally("team", name, periods.day)
-            month = await store.tally("team", name, periods.month)
-            team_rows.append({"team": name, "today": day.as_usd(), "this_month": month.as_usd()})
-        _print({"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows})
+        ledger = Ledger(store, settings, Metrics())
+        _print(await usage_report(ledger, key=args.key, team=args.team))
         return 0
 
     def remote(client: AdminClient) -> int:
