@@ -191,6 +191,16 @@ def proxy(fake: tuple[FakeUpstream, ThreadServer], start_proxy: Callable[..., Pr
 # processes ---------------------------------------------------------------------------
 
 
+def generate_at(base_url: str, key: str) -> httpx.Response:
+    """One plain generation (a URL answer) through a proxy at ``base_url``."""
+    return httpx.post(
+        base_url + "/v1/images/generations",
+        json={"prompt": "p", "response_format": "url"},
+        headers={"authorization": f"Bearer {key}"},
+        timeout=30,
+    )
+
+
 class ProxyProcess:
     """``python -m proxy serve`` in a child process, for RSS, signals and replicas."""
 

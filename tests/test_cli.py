@@ -25,6 +25,7 @@ from .conftest import (
     RedisServer,
     billing,
     free_port,
+    generate_at,
 )
 
 PEPPER = "pepper-for-tests-0123456789abcdef"
@@ -201,12 +202,7 @@ def test_proxy_url_from_the_environment(served: ProxyProcess) -> None:
     created = cli("keys", "create", "--name", "env", env=env)
     assert created.returncode == 0, created.stderr
     key = json.loads(created.stdout)["key"]
-    answer = httpx.post(
-        served.url + "/v1/images/generations",
-        json={"prompt": "p", "response_format": "url"},
-        headers={"authorization": f"Bearer {key}"},
-        timeout=30,
-    )
+    answer = generate_at(served.url, key)
     assert answer.status_code == 200, answer.text
 
 

@@ -30,6 +30,7 @@ from .conftest import (
     RedisServer,
     ThreadServer,
     billing,
+    generate_at,
 )
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -462,12 +463,7 @@ def spend(proxy: ProxyProcess, key: str, calls: int) -> list[int]:
     """Calls one after the other; their statuses."""
     statuses = []
     for _ in range(calls):
-        response = httpx.post(
-            proxy.url + "/v1/images/generations",
-            json={"prompt": "p", "response_format": "url"},
-            headers={"authorization": f"Bearer {key}"},
-            timeout=30,
-        )
+        response = generate_at(proxy.url, key)
         if response.status_code == 429:
             assert response.json()["error"]["code"] == "budget_exceeded", response.text
         statuses.append(response.status_code)

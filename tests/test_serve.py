@@ -32,6 +32,7 @@ from .conftest import (
     ThreadServer,
     billing,
     free_port,
+    generate_at,
 )
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -252,12 +253,7 @@ def test_first_key_hint_with_an_admin_token_is_a_command_that_works(
     )
     assert made.returncode == 0, made.stderr
     second = json.loads(made.stdout)["key"]
-    answer = httpx.post(
-        served.url + "/v1/images/generations",
-        json={"prompt": "p", "response_format": "url"},
-        headers={"authorization": f"Bearer {second}"},
-        timeout=30,
-    )
+    answer = generate_at(served.url, second)
     assert answer.status_code == 200, answer.text
 
 
@@ -367,12 +363,7 @@ def test_two_workers_with_the_fake_upstream_flag(
 ) -> None:
     served = serve(["--fake-upstream", "--workers", "2"], workers_env(redis_server))
     key = create_key(served)
-    response = httpx.post(
-        served.url + "/v1/images/generations",
-        json={"prompt": "p", "response_format": "url"},
-        headers={"authorization": f"Bearer {key}"},
-        timeout=30,
-    )
+    response = generate_at(served.url, key)
     assert response.status_code == 200, response.text
 
 
