@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -37,16 +38,29 @@ def header_map(scope: Scope, names: frozenset[bytes] = IMAGE_HEADERS) -> dict[st
     return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in names}
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing (413) as soon as it passes ``limit`` bytes."""
+@dataclass(frozen=True)
+class BodyLimit:
+    """The most bytes a request body may have, and where that number comes from."""
+
+    bytes: int
+    derived: str
+
+    def refusal(self) -> BodyTooLarge:
+        return BodyTooLarge(
+            f"Request body is larger than the limit of {self.bytes} bytes{self.derived}."
+        )
+
+
+async def read_body(scope: Scope, receive: Receive, limit: BodyLimit) -> bytes:
+    """The whole request body, refusing (413) as soon as it passes the limit."""
     for name, value in scope["headers"]:
         if name == b"content-length":
             try:
                 declared = int(value)
             except ValueError:
                 raise InvalidRequest("Invalid Content-Length header.") from None
-            if declared > limit:
-                raise _too_large(limit)
+            if declared > limit.bytes:
+                raise limit.refusal()
     parts: list[bytes] = []
     size = 0
     while True:
@@ -55,8 +69,8 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
+        if size > limit.bytes:
+            raise limit.refusal()
         parts.append(chunk)
         if not message.get("more_body", False):
             return b"".join(parts)
@@ -70,10 +84,6 @@ def decimal(text: str) -> int | None:
     """
     match = _DECIMAL.fullmatch(text.strip())
     return None if match is None else int(match[0])
-
-
-def _too_large(limit: int) -> BodyTooLarge:
-    return BodyTooLarge(f"Request body is larger than the limit of {limit} bytes.")
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 from . import edits
 from .auth import Authenticator, Caller
 from .config import Settings
-from .errors import BodyTooLarge, ProxyError
+from .errors import ProxyError
 from .exchange import Exchange, exchange_of
 from .forward import Body, Call, Forwarder
 from .http import ClientGone, header_map, parse_json_object, read_body, send_error
@@ -174,12 +174,7 @@ class ImagesEndpoint:
         policy = self.s.settings.policy
         upstream_body: bytes | edits.EditForm
         if self.kind == "generations":
-            limit = self.s.policy.body_limit
-            try:
-                raw = await read_body(scope, receive, limit.bytes)
-            except BodyTooLarge:
-                raise limit.refusal() from None  # saying how the limit is derived
-            payload = parse_json_object(raw)
+            payload = parse_json_object(await read_body(scope, receive, self.s.policy.body_limit))
             caller = await self.s.auth.authenticate(headers)
             decision = self.s.policy.generation(payload)
             # A copy: orjson's own result keeps a 4 KiB buffer, held for the whole call.

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .config import PolicySettings
-from .errors import BodyTooLarge, InvalidRequest
-from .http import decimal
+from .errors import InvalidRequest
+from .http import BodyLimit, decimal
 from .sizes import SizeTable, normalise_size
 
 RESPONSE_FORMATS = ("url", "b64_json")
@@ -62,19 +62,6 @@ def field_action(name: str, value: object, unsupported: Literal["strip", "reject
     if name in CHANGES_PICTURE and value is not None:
         return FieldAction.REFUSE_PICTURE
     return FieldAction.DROP if unsupported == "strip" else FieldAction.REFUSE
-
-
-@dataclass(frozen=True)
-class BodyLimit:
-    """The most bytes a request body may have, and the setting that says so."""
-
-    bytes: int
-    derived: str
-
-    def refusal(self) -> BodyTooLarge:
-        return BodyTooLarge(
-            f"Request body is larger than the limit of {self.bytes} bytes{self.derived}."
-        )
 
 
 def body_limit(configured: int, max_prompt_chars: int, setting: str) -> BodyLimit:
