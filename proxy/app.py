@@ -16,6 +16,7 @@ from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .admin import Admin, error_response, json_response
+from .alerts import Alerts
 from .auth import Authenticator, bears
 from .config import Settings
 from .errors import MethodNotAllowed, NotFound, StoreUnavailable, Unauthorized
@@ -48,6 +49,9 @@ def create_app(
     store = store or open_store(settings.store)
     upstream = upstream or open_upstream(settings.upstream)
     ledger = Ledger(store, settings, metrics)
+    alerts = Alerts(settings.alerts, ledger, metrics)
+    if alerts.enabled:
+        ledger.on_spend = alerts.spent
     hasher = KeyHasher(settings.auth.key_pepper)
     invalidations = store.invalidations()
     auth = Authenticator(settings, ledger, hasher, invalidations)
@@ -144,6 +148,7 @@ def create_app(
         with contextlib.suppress(StoreUnavailable):
             await ledger.seed_teams()
         ledger.start()
+        alerts.start()
         if invalidations is not None:
             invalidations.start(auth, metrics.key_change_subscription_losses.inc)
         if on_ready is not None:
@@ -152,6 +157,7 @@ def create_app(
             yield
         finally:
             await ledger.stop()
+            await alerts.stop()
             if invalidations is not None:
                 await invalidations.stop()
             await upstream.close()

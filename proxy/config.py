@@ -234,6 +234,31 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """One receiver of budget alerts. The URL may carry a token (Slack's do), so it is
+    kept out of reprs and logs like the secret."""
+
+    url: str = field(default="", repr=False)
+    # The HMAC key of the signature header: from the environment variable that
+    # ``secret_env`` names, or given whole through ``APIYI_PROXY_ALERTS__WEBHOOKS``.
+    secret: str | None = field(default=None, repr=False)
+    secret_env: str | None = None
+    format: Literal["json", "slack"] = "json"
+
+
+@dataclass(frozen=True)
+class AlertSettings:
+    webhooks: tuple[WebhookSettings, ...] = ()
+    # Percentages of each daily and monthly budget of keys and teams.
+    thresholds: tuple[float, ...] = (50.0, 80.0, 100.0)
+    # Delivery: attempts at most, the first retry after backoff_seconds, doubling.
+    max_attempts: int = 6
+    backoff_seconds: float = 1.0
+    timeout_seconds: float = 5.0
+    max_pending: int = 1000  # deliveries queued or under way; past it an alert is dropped
+
+
+@dataclass(frozen=True)
 class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
@@ -242,6 +267,7 @@ class Settings:
     ledger: LedgerSettings = field(default_factory=LedgerSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    alerts: AlertSettings = field(default_factory=AlertSettings)
 
     def model(self, name: str) -> ModelSettings | None:
         for model in self.policy.models:
@@ -255,7 +281,17 @@ class Settings:
         for section, name in SECRET_FIELDS:
             if data[section][name]:
                 data[section][name] = "***"
+        for hook in data["alerts"]["webhooks"]:
+            hook["url"] = url_host(hook["url"]) + "/***"
+            if hook["secret"]:
+                hook["secret"] = "***"
         return data
+
+
+def url_host(url: str) -> str:
+    """``scheme://host[:port]`` of a URL: what may be shown of a webhook's address."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
 
 
 def _plain(value: Any) -> Any:
@@ -308,8 +344,26 @@ def load(
             if value is not None:
                 raw.setdefault(section, {})[name] = value
     settings: Settings = _build(Settings, raw, "")
+    settings = _webhook_secrets(settings, env)
     _validate(settings)
     return settings
+
+
+def _webhook_secrets(settings: Settings, env: Mapping[str, str]) -> Settings:
+    """Each webhook's secret, read from the variable its ``secret_env`` names."""
+    hooks = []
+    for i, hook in enumerate(settings.alerts.webhooks):
+        if hook.secret_env is not None:
+            where = f"alerts.webhooks[{i}]"
+            if hook.secret is not None:
+                raise ConfigError(f"{where}.secret_env: give secret or secret_env, not both")
+            secret = env.get(hook.secret_env)
+            if not secret:
+                raise ConfigError(f"{where}.secret_env: {hook.secret_env} is not set")
+            hook = dataclasses.replace(hook, secret=secret)
+        hooks.append(hook)
+    alerts = dataclasses.replace(settings.alerts, webhooks=tuple(hooks))
+    return dataclasses.replace(settings, alerts=alerts)
 
 
 def _config_path(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
@@ -573,6 +627,7 @@ def _validate(s: Settings) -> None:
             "APIYI_PROXY_KEY_PEPPER must be set with a shared store, or keys stop "
             "matching after a restart",
         )
+    _validate_alerts(s.alerts)
     try:
         s.ledger.default_limits()
     except LimitError as error:
@@ -589,3 +644,40 @@ def _validate(s: Settings) -> None:
         zoneinfo.ZoneInfo(s.ledger.timezone)
     except (ValueError, KeyError, zoneinfo.ZoneInfoNotFoundError) as exc:
         raise ConfigError(f"ledger.timezone: unknown time zone {s.ledger.timezone!r}") from exc
+
+
+def _validate_alerts(a: AlertSettings) -> None:
+    def need(ok: bool, where: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"alerts.{where}: {why}")
+
+    for i, t in enumerate(a.thresholds):
+        need(0 < t <= 1000, f"thresholds[{i}]", f"must be a percentage in (0, 1000], got {t:g}")
+    need(
+        list(a.thresholds) == sorted(set(a.thresholds)),
+        "thresholds",
+        "must be sorted, each percentage once",
+    )
+    need(a.max_attempts >= 1, "max_attempts", "must be >= 1")
+    need(a.backoff_seconds >= 0, "backoff_seconds", "must be >= 0")
+    need(a.timeout_seconds > 0, "timeout_seconds", "must be > 0")
+    need(a.max_pending >= 1, "max_pending", "must be >= 1")
+    for i, hook in enumerate(a.webhooks):
+        parts = urlsplit(hook.url)
+        need(
+            parts.scheme in ("http", "https") and bool(parts.hostname),
+            f"webhooks[{i}].url",
+            "must be an http:// or https:// URL",
+        )
+        if hook.secret is None:
+            need(
+                hook.format == "slack",
+                f"webhooks[{i}].secret",
+                "a json webhook is signed: name the variable holding its secret with secret_env",
+            )
+            continue
+        need(
+            not any(mark in hook.secret.upper() for mark in PLACEHOLDER_MARKS),
+            f"webhooks[{i}].secret",
+            "still the example's placeholder; set a real secret",
+        )

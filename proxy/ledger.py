@@ -118,6 +118,8 @@ class Ledger:
             name: Team(name, limits) for name, limits in settings.ledger.team_seeds().items()
         }
         self._keys_seen = False  # the store's keys are read once, for their teams' metrics
+        # Told of every settle the store took that kept money (budget alerts); never waits.
+        self.on_spend: Callable[[HoldRequest], None] | None = None
         metrics.learn(models=(m.name for m in settings.policy.models), teams=self._seeds)
 
     # store calls ---------------------------------------------------------------------
@@ -231,6 +233,8 @@ class Ledger:
             # Counted as the store took it: a hold that lapsed first was counted by the
             # sweep that expired it.
             self._metrics.holds_resolved.labels(outcome).inc()
+            if spent and self.on_spend is not None:
+                self.on_spend(request)
         if done is Settlement.BOOKED_WITHOUT_HOLD:
             self._metrics.settles_without_hold.inc()
             log.warning(

@@ -75,10 +75,11 @@ STATUS_CLASSES: Final = ("2xx", "4xx", "5xx", "499")
 HOLD_EXPIRED: Final = "expired"
 HOLD_OUTCOMES: Final = (*(r.value for r in Resolution), HOLD_EXPIRED)
 REPLAY_KINDS: Final = ("idempotency_key", "sdk_retry")
+BUDGET_ALERT_RESULTS: Final = ("delivered", "failed", "dropped")  # alerts.Delivery
 # What each store call is counted as; mypy holds every caller of ``Ledger.call`` to it.
 StoreOperation = Literal[
-    "admin", "expire", "idempotency", "key", "ping", "renew", "reserve", "settle", "tally",
-    "teams", "usage",
+    "admin", "alerts", "expire", "idempotency", "key", "ping", "renew", "reserve", "settle",
+    "tally", "teams", "usage",
 ]  # fmt: skip
 STORE_OPERATIONS: Final[tuple[str, ...]] = get_args(StoreOperation)
 
@@ -361,6 +362,15 @@ class Metrics:
                 registry=r,
             )
         )
+        self.budget_alerts = Labelled(
+            Counter(
+                f"{p}_budget_alerts",
+                "Budget alert webhook deliveries by result: delivered, failed (given up "
+                "after its retries, or refused), dropped (too many pending).",
+                ["result"],
+                registry=r,
+            )
+        )
         # The label sets created at 0 before anything is counted. Budget gauges are not
         # here: a 0 there would read as a spent budget.
         self.presets: tuple[tuple[Labelled[Counter] | Labelled[Gauge] | Labelled[Histogram],
@@ -380,6 +390,7 @@ class Metrics:
             (self.store_errors, (STORE_OPERATIONS,)),
             (self.store_seconds, (STORE_OPERATIONS,)),
             (self.idempotent_replays, (REPLAY_KINDS,)),
+            (self.budget_alerts, (BUDGET_ALERT_RESULTS,)),
         )  # fmt: skip
         self._learned: dict[Learned, set[str]] = {kind: set() for kind in Learned}
         self._create(None)
@@ -486,4 +497,5 @@ EXPORTED_NAMES: Final = (
     "apiyi_proxy_idempotent_replays_total",
     "apiyi_proxy_settles_without_hold_total",
     "apiyi_proxy_key_change_subscription_losses_total",
+    "apiyi_proxy_budget_alerts_total",
 )

@@ -6,6 +6,7 @@ from ..config import StoreSettings
 from ..limits import Limits
 from .base import (
     ClaimRequest,
+    Crossing,
     HoldRequest,
     IdemRecord,
     IdemState,
@@ -25,6 +26,7 @@ from .memory import MemoryStore
 
 __all__ = [
     "ClaimRequest",
+    "Crossing",
     "HoldRequest",
     "IdemRecord",
     "IdemState",

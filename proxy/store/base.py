@@ -30,7 +30,7 @@ import abc
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..limits import Limits
 
@@ -180,6 +180,39 @@ class Tally:
             "remaining_usd": None if remaining is None else remaining / 1e6,
             "requests": self.requests,
         }
+
+
+PeriodKind = Literal["day", "month"]
+
+
+@dataclass(frozen=True)
+class Crossing:
+    """A budget threshold reached for the first time in its period (``threshold`` a
+    percentage of ``limit``); the store reports each one once, whoever asks."""
+
+    scope: Literal["key", "team"]
+    id: str  # the key id or the team name
+    name: str  # the key's name or the team name
+    kind: PeriodKind
+    period: str  # 2026-11-23 or 2026-11, as the budget counts it
+    threshold: str  # the percentage as configured, canonical ("50", "33.3")
+    spent: int
+    limit: int
+
+
+# Threshold marks outlive their period (day or month) in any time zone, then go.
+ALERT_MARK_SECONDS: dict[PeriodKind, int] = {"day": 2 * 86_400, "month": 35 * 86_400}
+
+
+def threshold_text(percent: float) -> str:
+    """A threshold as the store marks it: 50.0 -> "50", 33.3 -> "33.3"."""
+    return f"{percent:g}"
+
+
+def reached(spent: int, limit: int, threshold: str) -> bool:
+    """Whether ``spent`` is at least ``threshold`` percent of a positive ``limit``.
+    (``alert_thresholds.lua`` decides the same in the Redis store.)"""
+    return spent * 100 >= limit * float(threshold)
 
 
 @dataclass(frozen=True)
@@ -332,6 +365,17 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def holds_outstanding(self) -> int: ...
+
+    @abc.abstractmethod
+    async def cross_thresholds(
+        self, request: HoldRequest, thresholds: Sequence[str]
+    ) -> list[Crossing]:
+        """Mark and return the ``thresholds`` (ascending percentages, see
+        ``threshold_text``) that the spent money of the request's key and team has
+        reached in its day and month and that no one marked before: one atomic step,
+        so each crossing is reported once across every replica. Spent counts what was
+        kept (uncertain included), not what is held. A budget with no limit, or a
+        limit of 0, has no thresholds."""
 
     # idempotency -------------------------------------------------------------
     @abc.abstractmethod

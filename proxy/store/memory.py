@@ -11,17 +11,19 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from ..limits import Limits
 from .base import (
     CLAIM_LEASES,
     UNCERTAIN_STATUS,
     ClaimRequest,
+    Crossing,
     HoldRequest,
     IdemRecord,
     IdemState,
     KeyRecord,
+    PeriodKind,
     Periods,
     Refusal,
     Reservation,
@@ -29,6 +31,7 @@ from .base import (
     Store,
     Tally,
     Team,
+    reached,
 )
 
 # Resolved and released hold ids are remembered this long (at most this many), so a
@@ -80,6 +83,9 @@ class MemoryStore(Store):
         self._tat: dict[str, float] = {}
         self._idem: dict[str, _Idem] = {}
         self._idem_gone: dict[tuple[str, str], float] = {}
+        # Thresholds reported, per (scope, name, period), for the current periods.
+        self._alerted: defaultdict[tuple[str, str, str], set[str]] = defaultdict(set)
+        self._alert_periods = Periods("", "")
 
     # keys --------------------------------------------------------------------
     async def add_key(self, record: KeyRecord) -> None:
@@ -298,6 +304,43 @@ class MemoryStore(Store):
 
     async def holds_outstanding(self) -> int:
         return len(self._holds)
+
+    async def cross_thresholds(
+        self, request: HoldRequest, thresholds: Sequence[str]
+    ) -> list[Crossing]:
+        key = self._keys.get(request.key_id)
+        if key is None:
+            return []
+        if request.periods != self._alert_periods:  # a new day: forget the old marks
+            current = {request.periods.day, request.periods.month}
+            for mark in [m for m in self._alerted if m[2] not in current]:
+                del self._alerted[mark]
+            self._alert_periods = request.periods
+        levels: list[tuple[Literal["key", "team"], str, str, Limits]]
+        levels = [("key", key.id, key.name, key.limits)]
+        if key.team is not None and key.team in self._teams:
+            levels.append(("team", key.team, key.team, self._teams[key.team].limits))
+        crossings = []
+        for scope, ident, name, limits in levels:
+            kinds: tuple[tuple[PeriodKind, str, int | None], ...] = (
+                ("day", request.periods.day, limits.daily_micros),
+                ("month", request.periods.month, limits.monthly_micros),
+            )
+            for kind, period, limit in kinds:
+                if not limit:
+                    continue
+                counter = self._ledger.get((scope, ident, period))
+                spent = counter.spent if counter is not None else 0
+                marks = self._alerted[(scope, ident, period)]
+                for threshold in thresholds:
+                    if not reached(spent, limit, threshold):
+                        break
+                    if threshold not in marks:
+                        marks.add(threshold)
+                        crossings.append(
+                            Crossing(scope, ident, name, kind, period, threshold, spent, limit)
+                        )
+        return crossings
 
     # idempotency -------------------------------------------------------------
     async def idem_begin(

@@ -12,6 +12,7 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:{g}:holds                 zset   open holds by deadline (expiry sweep)
     apiyi:{g}:active:<key id>       zset   a key's open holds (concurrency)
     apiyi:{g}:tat:<key id>          string GCRA theoretical arrival time (ms)
+    apiyi:{g}:alerted:<scope>:<name>:<p>  hash  budget thresholds reported in a period
     apiyi:{g}:idem:<scope>          hash   idempotency record (fingerprint, state, owner)
     apiyi:{g}:idem:<scope>:gone:<o> string owner o abandoned before its claim arrived
     apiyi:keyhash:<hmac>            string "<g>|<id>": lookup by presented key
@@ -47,6 +48,8 @@ from ..config import StoreSettings
 from ..limits import Limits
 from ..redis_url import RedisTarget
 from .base import (
+    ALERT_MARK_SECONDS,
+    Crossing,
     HoldRequest,
     IdemRecord,
     IdemState,
@@ -98,6 +101,7 @@ class RedisStore(Store):
         self._seed_team = client.register_script(load_script("seed_team"))
         self._forget_key = client.register_script(load_script("forget_key"))
         self._key_write = client.register_script(load_script("key_write"))
+        self._alert_thresholds = client.register_script(load_script("alert_thresholds"))
         self._groups: dict[str, str] = {}
         self._active = ActiveGroups(client, prefix)
 
@@ -379,6 +383,27 @@ class RedisStore(Store):
             total += int(await self.r.zcard(self._base(group) + "holds"))
         return total
 
+    async def cross_thresholds(
+        self, request: HoldRequest, thresholds: Sequence[str]
+    ) -> list[Crossing]:
+        base = self._base(group_of(request.key_id, request.team))
+        p = request.periods
+        args: list[Any] = [
+            base,
+            request.key_id,
+            request.team or "",
+            p.day,
+            p.month,
+            ALERT_MARK_SECONDS["day"],
+            ALERT_MARK_SECONDS["month"],
+            *thresholds,
+        ]
+        rows = await self._run(self._alert_thresholds, [base + "key:" + request.key_id], args)
+        return [
+            Crossing(scope, id_, name, kind, period, threshold, int(spent), int(limit))
+            for scope, id_, name, kind, period, threshold, spent, limit in rows
+        ]
+
     # idempotency -------------------------------------------------------------
     def _idem_key(self, scope: str) -> str:
         return self._base(hold_group(scope)) + "idem:" + scope
@@ -444,6 +469,7 @@ class RedisStore(Store):
             self._seed_team,
             self._forget_key,
             self._key_write,
+            self._alert_thresholds,
         )
         for script in scripts:
             # Loaded on every primary, so EVALSHA never meets NOSCRIPT under load.
