@@ -81,7 +81,7 @@ class Receiver:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.server.daemon_threads = True
-        self.server.block_on_close = False  # type: ignore[attr-defined]
+        self.server.block_on_close = False
         self.url = f"http://127.0.0.1:{self.server.server_port}/hooks/{URL_TOKEN}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -197,7 +197,7 @@ def test_three_replicas_racing_across_the_thresholds_deliver_each_exactly_once(
     key, key_id = create_key(replicas[0], name="design-bot", daily_usd=0.30)  # 10 images
 
     answers = asyncio.run(fire([r.url for r in replicas], key, 10))
-    assert [a.status_code for a in answers] == [200] * 10
+    assert [a.status_code for a in answers] == [200] * 10, [a.text for a in answers]
     receiver.wait_for(3)
     time.sleep(1.5)  # a duplicate from a slower replica would arrive by now
     assert len(receiver.records) == 3, receiver.bodies()
