@@ -1,6 +1,7 @@
 """Budget alert webhooks: each threshold of a budget, once per period, to every receiver.
 
-After a settle that kept money the ledger tells ``Alerts.spent`` (which never waits):
+After a settle that kept money (also one written late, once the store answered
+again) the ledger tells ``Alerts.spent``, which never waits:
 the request's key is queued, and a background task asks the store which thresholds
 the key and its team have newly reached in the day and the month
 (``Store.cross_thresholds``, one atomic step that also marks them, so that of all
@@ -190,10 +191,16 @@ class Alerts:
                     self._queued.setdefault(ref, request)  # the store is away: later
                     await asyncio.sleep(STORE_RETRY_SECONDS)
                     continue
+                except Exception:  # a wrong answer must not end every later check
+                    log.exception("budget alert check of key %s failed", request.key_id)
+                    continue
                 for crossing in crossings:
                     self._send(crossing)
 
     def _send(self, crossing: Crossing) -> None:
+        session = self._session
+        if session is None:
+            return  # not started
         now = datetime.now(UTC)
         for hook in self._hooks:
             if len(self._deliveries) >= self._settings.max_pending:
@@ -205,13 +212,19 @@ class Alerts:
                     len(self._deliveries),
                 )
                 continue
-            task = asyncio.create_task(self._deliver(hook, crossing, body(hook, crossing, now)))
+            data = body(hook, crossing, now)
+            task = asyncio.create_task(self._deliver(session, hook, crossing, data))
             self._deliveries.add(task)
             task.add_done_callback(self._deliveries.discard)
 
     # delivery --------------------------------------------------------------------------
-    async def _deliver(self, hook: WebhookSettings, crossing: Crossing, data: bytes) -> None:
-        assert self._session is not None
+    async def _deliver(
+        self,
+        session: aiohttp.ClientSession,
+        hook: WebhookSettings,
+        crossing: Crossing,
+        data: bytes,
+    ) -> None:
         headers = {"content-type": "application/json"}
         if hook.secret:
             headers[SIGNATURE_HEADER] = signature(hook.secret, data)
@@ -225,7 +238,7 @@ class Alerts:
                 )
             attempts += 1
             try:
-                status = await post(self._session, hook.url, data, headers)
+                status = await post(session, hook.url, data, headers)
             except DeliveryError as error:
                 last = str(error)
                 continue

@@ -233,8 +233,10 @@ class Ledger:
             # Counted as the store took it: a hold that lapsed first was counted by the
             # sweep that expired it.
             self._metrics.holds_resolved.labels(outcome).inc()
-            if spent and self.on_spend is not None:
-                self.on_spend(request)
+        if spent and self.on_spend is not None:
+            # Also when this write found the hold resolved: an earlier attempt that
+            # timed out may have landed, and a check twice reports nothing twice.
+            self.on_spend(request)
         if done is Settlement.BOOKED_WITHOUT_HOLD:
             self._metrics.settles_without_hold.inc()
             log.warning(

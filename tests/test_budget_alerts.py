@@ -268,6 +268,41 @@ def test_team_and_monthly_budgets_name_their_scope_and_period(
     assert {b["limit_usd"] for b in team_bodies} == {0.06}
 
 
+def test_a_settle_written_after_a_store_stall_is_still_checked(
+    proxy_process: Callable[..., ProxyProcess],
+    redis_server: RedisServer,
+    upstream: ThreadServer,
+    receiver: Receiver,
+) -> None:
+    env = env_for(upstream, [json_hook(receiver)], redis_server.url, thresholds="[100]")
+    proxy = proxy_process(env)
+    key, key_id = create_key(proxy, daily_usd=0.03)
+    call = threading.Thread(
+        target=lambda: answers.append(
+            httpx.post(
+                proxy.url + "/v1/images/generations",
+                json={"prompt": "[fake:latency=1.5] p", "response_format": "url"},
+                headers={"authorization": f"Bearer {key}"},
+                timeout=30,
+            )
+        )
+    )
+    answers: list[httpx.Response] = []
+    call.start()
+    time.sleep(0.7)  # reserved; the upstream is still drawing
+    redis_server.pause()
+    try:
+        call.join(10)  # its settle found the store stalled and was queued
+        assert [a.status_code for a in answers] == [200]
+        time.sleep(0.5)
+        assert receiver.records == []
+    finally:
+        redis_server.resume()
+    receiver.wait_for(1)  # the queued settle was written, then checked
+    body = receiver.bodies()[0]
+    assert (body["id"], body["threshold"], body["spent_usd"]) == (key_id, 100, 0.03)
+
+
 # one process, memory store ---------------------------------------------------------------
 
 
