@@ -9,6 +9,8 @@ then given up, and no call waits on any of it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import re
 import threading
@@ -22,7 +24,7 @@ import httpx
 import pytest
 import redis
 
-from proxy import config
+from proxy import alerts, config
 from proxy.config import StoreSettings
 from proxy.fake_upstream import FakeUpstream, create_fake_app
 from proxy.keys import KeyHasher, issue_key
@@ -483,6 +485,42 @@ async def test_a_budget_of_zero_or_none_has_no_thresholds(store: Store) -> None:
     # A spend booked for a key whose budget was set to 0 after its hold: still no alert.
     await store.settle(f"gone@{group_of_key(frozen.id, None)}", 30_000, request=spend(frozen, 2))
     assert await store.cross_thresholds(spend(frozen, 3), THRESHOLDS) == []
+
+
+# the pure parts ----------------------------------------------------------------------------
+
+
+def test_payload_of_a_fractional_monthly_threshold() -> None:
+    crossing = Crossing("team", "ops", "ops", "month", "2026-11", "33.3", 1_000_000, 3_000_000)
+    sent = alerts.payload(crossing, datetime(2026, 11, 5, 8, 30, 1, 999, tzinfo=UTC))
+    assert sent == {
+        "type": "budget.threshold",
+        "scope": "team",
+        "id": "ops",
+        "name": "ops",
+        "period": "month",
+        "threshold": 33.3,
+        "spent_usd": 1.0,
+        "limit_usd": 3.0,
+        "time": "2026-11-05T08:30:01Z",
+        "period_start": "2026-11-01",
+    }
+    assert alerts.slack_text(crossing) == (
+        'apiyi-proxy: Team "ops" reached 33.3% of its monthly budget (2026-11): '
+        "$1.00 spent of $3.00."
+    )
+    hook = config.WebhookSettings(url="http://x/", secret="s")
+    data = alerts.body(hook, crossing, datetime.now(UTC))
+    assert (
+        alerts.signature("s", data) == "sha256=" + hmac.new(b"s", data, hashlib.sha256).hexdigest()
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "again"), [(500, True), (503, True), (429, True), (400, False), (404, False)]
+)
+def test_only_a_failing_or_busy_receiver_is_tried_again(status: int, again: bool) -> None:
+    assert alerts.retryable(status) is again
 
 
 # configuration ---------------------------------------------------------------------------
