@@ -4,9 +4,9 @@ After a settle that kept money (also one written late, once the store answered a
 the ledger tells ``Alerts.spent``, which never waits: the request's key is queued, and a
 background task asks the store which thresholds the key and its team have newly reached
 in the day and the month (``Store.cross_thresholds``, one atomic step that also marks
-them, so that of all replicas exactly one reports each crossing). Each crossing goes to every configured
-webhook in a task of its own: signed, retried with exponential backoff after a
-connection failure, a timeout, a 5xx or a 429, and given up after
+them, so that of all replicas exactly one reports each crossing). Each crossing goes
+to every configured webhook in a task of its own: signed, retried with exponential
+backoff after a connection failure, a timeout, a 5xx or a 429, and given up after
 ``alerts.max_attempts`` with one warning. No call waits on any of it.
 
 The mark is taken before delivery: an alert given up, dropped past
