@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from . import usage
 from .auth import Authenticator, bears
 from .config import Settings
 from .errors import InvalidRequest, NotFound, ProxyError, Unauthorized
@@ -27,6 +28,14 @@ def json_response(value: Any, status: int = 200) -> Response:
     import orjson
 
     return Response(orjson.dumps(value), status, media_type="application/json")
+
+
+def csv_response(text: str, name: str) -> Response:
+    return Response(
+        text,
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{name}.csv"'},
+    )
 
 
 def error_response(error: ProxyError) -> Response:
@@ -182,10 +191,18 @@ class Admin:
 
     # usage ---------------------------------------------------------------------------
     async def usage(self, request: Request) -> Response:
-        query = request.query_params
-        return json_response(
-            await usage_report(self.ledger, key=query.get("key"), team=query.get("team"))
-        )
+        params = request.query_params
+        key, team = params.get("key"), params.get("team")
+        query = usage.parse_query(params, self.ledger.periods().day)
+        rows = await usage.history(self.ledger, query, self.models, key=key, team=team)
+        if query.csv:
+            return csv_response(usage.as_csv(rows, query.by), f"usage-by-{query.by}")
+        result: dict[str, Any] = {"object": "proxy.usage_history", **query.public()}
+        if not usage.wants_history(params):
+            # The plain call also answers today's and this month's totals, as before.
+            result.update(await usage_report(self.ledger, key=key, team=team))
+        result["rows"] = rows
+        return json_response(result)
 
     async def own_usage(self, request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/usage"
@@ -193,6 +210,14 @@ class Admin:
             caller = await self.auth.authenticate(request.headers)
             periods = self.ledger.periods()
             key = caller.key
+            params = request.query_params
+            if usage.wants_history(params):
+                query = usage.parse_query(params, periods.day, by=False)
+                rows = await usage.history(self.ledger, query, self.models, keys=[key])
+                if query.csv:
+                    return csv_response(usage.as_csv(rows, "key"), "usage")
+                history = {"object": "proxy.usage_history", **query.public(), "rows": rows}
+                return json_response({"key": key.public(), **history})
             result: dict[str, Any] = {
                 "object": "proxy.usage",
                 "key": key.public(),

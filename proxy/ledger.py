@@ -121,14 +121,20 @@ class Ledger:
         metrics.learn(models=(m.name for m in settings.policy.models), teams=self._seeds)
 
     # store calls ---------------------------------------------------------------------
-    async def call(self, operation: StoreOperation, step: Callable[[], Awaitable[T]]) -> T:
-        """Run one store step within the store timeout; failures become 503."""
+    async def call(
+        self,
+        operation: StoreOperation,
+        step: Callable[[], Awaitable[T]],
+        seconds: float | None = None,
+    ) -> T:
+        """Run one store step within the store timeout (or ``seconds``, for a report
+        off the request path); failures become 503."""
         started = time.perf_counter()
         try:
             if self.store.in_process:
                 result = await step()  # nothing to wait for: no timer needed
             else:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout(seconds or self._timeout):
                     result = await step()
         except (StoreError, TimeoutError, OSError) as exc:
             self._metrics.store_errors.labels(operation).inc()

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +183,15 @@ class Tally:
 
 
 @dataclass(frozen=True)
+class Spend:
+    """What one key, team or model spent in one period (history; no limit, no holds)."""
+
+    spent: int = 0
+    uncertain: int = 0
+    requests: int = 0
+
+
+@dataclass(frozen=True)
 class Team:
     name: str
     limits: Limits = field(default_factory=Limits)
@@ -329,6 +338,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def tally(self, scope: str, name: str, period: str) -> Tally:
         """Money of key ``name`` (scope "key") or team ``name`` (scope "team") in a period."""
+
+    @abc.abstractmethod
+    async def history(
+        self, scope: str, names: Mapping[str, Sequence[str]], periods: Sequence[str]
+    ) -> dict[tuple[str, str], Spend]:
+        """Spend per (name, period) of ``scope`` ("key", "team" or "model"), for the
+        (name, period) pairs with any; ``names`` lists them by the group they are kept
+        in (``group_of``). A model is kept in every group it spent in, and its spend is
+        the sum over the groups it is listed under."""
 
     @abc.abstractmethod
     async def holds_outstanding(self) -> int: ...
