@@ -21,7 +21,7 @@ from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
 from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes, team_name
-from .store import KeyRecord, Limits, Periods, Team
+from .store import KeyRecord, Limits, Team
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -192,16 +192,9 @@ class Admin:
     # usage ---------------------------------------------------------------------------
     async def usage(self, request: Request) -> Response:
         params = request.query_params
-        key, team = params.get("key"), params.get("team")
-        query = usage.parse_query(params, self.ledger.periods().day)
-        rows = await usage.history(self.ledger, query, self.models, key=key, team=team)
+        query, result = await usage.report(self.ledger, params, self.models)
         if query.csv:
-            return csv_response(usage.as_csv(rows, query.by), f"usage-by-{query.by}")
-        result: dict[str, Any] = {"object": "proxy.usage_history", **query.public()}
-        if not usage.wants_history(params):
-            # The plain call also answers today's and this month's totals, as before.
-            result.update(await usage_report(self.ledger, key=key, team=team))
-        result["rows"] = rows
+            return csv_response(usage.as_csv(result["rows"], query.by), f"usage-by-{query.by}")
         return json_response(result)
 
     async def own_usage(self, request: Request) -> Response:
@@ -223,47 +216,16 @@ class Admin:
                 "key": key.public(),
                 "day": periods.day,
                 "month": periods.month,
-                **await _tallies(self.ledger, "key", key.id, periods),
+                **await usage.tallies(self.ledger, "key", key.id, periods),
             }
             if key.team:
                 result["team"] = {
                     "name": key.team,
-                    **await _tallies(self.ledger, "team", key.team, periods),
+                    **await usage.tallies(self.ledger, "team", key.team, periods),
                 }
             return json_response(result)
         except ProxyError as error:
             return error_response(error)
-
-
-async def usage_report(
-    ledger: Ledger, *, key: str | None = None, team: str | None = None
-) -> dict[str, Any]:
-    """Spend per key and per team, today and this month, as ``GET /admin/usage`` and
-    ``apiyi-proxy usage`` show it: the teams of keys and the teams set on their own."""
-    store = ledger.store
-    periods = ledger.periods()
-    keys = await ledger.call("admin", store.keys)
-    rows = [
-        {**k.public(), **await _tallies(ledger, "key", k.id, periods)}
-        for k in keys
-        if (not key or k.id == key) and (not team or k.team == team)
-    ]
-    teams = sorted(
-        {k.team for k in keys if k.team} | {t.name for t in await ledger.call("admin", store.teams)}
-    )
-    team_rows = [
-        {"team": t, **await _tallies(ledger, "team", t, periods)}
-        for t in teams
-        if not team or t == team
-    ]
-    return {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
-
-
-async def _tallies(ledger: Ledger, scope: str, name: str, periods: Periods) -> dict[str, Any]:
-    store = ledger.store
-    day = await ledger.call("usage", lambda: store.tally(scope, name, periods.day))
-    month = await ledger.call("usage", lambda: store.tally(scope, name, periods.month))
-    return {"today": day.as_usd(), "this_month": month.as_usd()}
 
 
 def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:

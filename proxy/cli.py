@@ -441,15 +441,16 @@ def _teams_set(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
-    """Today's and this month's totals, or with ``--from``/``--to``/``--by``/``--period``/
-    ``--csv`` the history, as ``GET /admin/usage`` answers them."""
+    """What ``GET /admin/usage`` answers: today's and this month's totals, or with
+    ``--from``/``--to``/``--by``/``--period`` the history; ``--csv`` writes its rows."""
     from .errors import InvalidRequest
-    from .usage import as_csv, history, parse_query, wants_history
+    from .usage import as_csv, report
 
     flags = {"from": args.start, "to": args.end, "by": args.by, "period": args.period}
     params = {name: value for name, value in flags.items() if value}
     if args.csv:
         params["format"] = "json"  # rows come as JSON and are written here as CSV
+    params.update({name: getattr(args, name) for name in ("key", "team") if getattr(args, name)})
 
     def show(answer: dict[str, Any]) -> int:
         if args.csv:
@@ -459,29 +460,18 @@ def _usage(args: argparse.Namespace) -> int:
         return 0
 
     async def direct(settings: Settings, store: Store) -> int:
-        from .admin import usage_report
         from .ledger import Ledger
         from .metrics import Metrics
 
         ledger = Ledger(store, settings, Metrics())
-        if not wants_history(params):
-            _print(await usage_report(ledger, key=args.key, team=args.team))
-            return 0
         try:
-            query = parse_query(params, ledger.periods().day)
+            _, answer = await report(ledger, params, [m.name for m in settings.policy.models])
         except InvalidRequest as error:
             print(f"apiyi-proxy usage: {error.message}", file=sys.stderr)
             return 2
-        models = [m.name for m in settings.policy.models]
-        rows = await history(ledger, query, models, key=args.key, team=args.team)
-        return show({**query.public(), "rows": rows})
+        return show(answer)
 
     def remote(client: AdminClient) -> int:
-        query = {name: getattr(args, name) for name in ("key", "team") if getattr(args, name)}
-        answer = client.call("GET", "/admin/usage", query={**query, **params})
-        if not wants_history(params):
-            _print(answer)
-            return 0
-        return show(answer)
+        return show(client.call("GET", "/admin/usage", query=params))
 
     return _run(args, direct, remote)

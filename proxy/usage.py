@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from .errors import InvalidRequest
 from .ledger import Ledger
-from .store import KeyRecord, Spend, group_of
+from .store import KeyRecord, Periods, Spend, group_of
 
 By = Literal["key", "team", "model"]
 BY: tuple[By, ...] = ("key", "team", "model")
@@ -153,6 +153,21 @@ async def _team_names(ledger: Ledger) -> list[str]:
     return sorted({t.name for t in teams} | {k.team for k in keys if k.team})
 
 
+async def report(
+    ledger: Ledger, params: Mapping[str, str], models: Iterable[str]
+) -> tuple[Query, dict[str, Any]]:
+    """``GET /admin/usage``: the history ``params`` ask for (``key`` and ``team``
+    narrow it); without history parameters, today's and this month's totals too."""
+    key, team = params.get("key"), params.get("team")
+    query = parse_query(params, ledger.periods().day)
+    rows = await history(ledger, query, models, key=key, team=team)
+    result: dict[str, Any] = {"object": "proxy.usage_history", **query.public()}
+    if not wants_history(params):
+        result.update(await usage_report(ledger, key=key, team=team))
+    result["rows"] = rows
+    return query, result
+
+
 def rows(
     found: Mapping[tuple[str, str], Spend], periods: Sequence[str], column: str
 ) -> list[dict[str, Any]]:
@@ -191,3 +206,34 @@ def as_csv(rows: Sequence[Mapping[str, Any]], by: str) -> str:
 def _usd(amount: float) -> str:
     micros = round(amount * 1e6)
     return f"{micros // 1_000_000}.{micros % 1_000_000:06d}"
+
+
+async def usage_report(
+    ledger: Ledger, *, key: str | None = None, team: str | None = None
+) -> dict[str, Any]:
+    """Spend per key and per team, today and this month, as ``GET /admin/usage`` and
+    ``apiyi-proxy usage`` show it: the teams of keys and the teams set on their own."""
+    store = ledger.store
+    periods = ledger.periods()
+    keys = await ledger.call("admin", store.keys)
+    rows = [
+        {**k.public(), **await tallies(ledger, "key", k.id, periods)}
+        for k in keys
+        if (not key or k.id == key) and (not team or k.team == team)
+    ]
+    teams = sorted(
+        {k.team for k in keys if k.team} | {t.name for t in await ledger.call("admin", store.teams)}
+    )
+    team_rows = [
+        {"team": t, **await tallies(ledger, "team", t, periods)}
+        for t in teams
+        if not team or t == team
+    ]
+    return {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
+
+
+async def tallies(ledger: Ledger, scope: str, name: str, periods: Periods) -> dict[str, Any]:
+    store = ledger.store
+    day = await ledger.call("usage", lambda: store.tally(scope, name, periods.day))
+    month = await ledger.call("usage", lambda: store.tally(scope, name, periods.month))
+    return {"today": day.as_usd(), "this_month": month.as_usd()}

@@ -183,11 +183,11 @@ class RedisStore(Store):
     @translated
     async def keys(self) -> list[KeyRecord]:
         groups: dict[str, str] = await self.r.hgetall(f"{self.p}:keygroups")
-        records = []
-        for key_id, group in groups.items():
-            record = key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
-            if record is not None:
-                records.append(record)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for key_id, group in groups.items():
+                pipe.hgetall(self._base(group) + "key:" + key_id)
+            answers = await pipe.execute() if groups else []
+        records = [r for r in map(key_record, answers) if r is not None]
         return sorted(records, key=lambda k: (k.created, k.id))
 
     async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
