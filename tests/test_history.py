@@ -319,3 +319,37 @@ def test_cli_usage_history_by_team_as_csv(shop: dict[str, Any], where: str) -> N
         ["2026-10", "design", "0.030000", "0.000000", "1"],
         ["2026-11", "design", "0.060000", "0.060000", "1"],
     ]
+
+
+def test_top_keys_gauge_shows_the_ten_biggest_spenders_and_drops_the_rest() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from proxy.config import load
+    from proxy.ledger import Ledger
+    from proxy.metrics import Metrics
+
+    async def scenario() -> dict[tuple[str, str], float]:
+        store = MemoryStore()
+        metrics = Metrics(CollectorRegistry())
+        ledger = Ledger(store, load(path=os.devnull, env={}), metrics)
+        periods = ledger.periods()
+        for i in range(12):
+            await store.add_key(KeyRecord(f"k{i:02d}", f"name-{i}", f"h{i}", "0000", 0))
+            await book(store, f"k{i:02d}", None, periods.day, VIP, i + 1)
+        await ledger.refresh_top_keys(periods)
+        # k00 spends more the next moment: it is back in the top ten, k02 leaves it.
+        await book(store, "k00", None, periods.day, VIP, 5)
+        await ledger.refresh_top_keys(periods)
+        return {
+            (sample.labels["key_id"], sample.labels["period"]): sample.value
+            for family in metrics.registry.collect()
+            if family.name == "apiyi_proxy_top_key_spend_usd"
+            for sample in family.samples
+        }
+
+    shown = asyncio.run(scenario())
+    day = {key_id: value for (key_id, period), value in shown.items() if period == "day"}
+    assert set(day) == {"k00", *(f"k{i:02d}" for i in range(3, 12))}
+    assert day["k00"] == pytest.approx(0.18) and day["k11"] == pytest.approx(0.36)
+    month = {key_id for (key_id, period) in shown if period == "month"}
+    assert month == set(day)
