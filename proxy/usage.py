@@ -121,21 +121,20 @@ async def history(
     (else the store's)."""
     store = ledger.store
     names: dict[str, list[str]] = {}
-    if keys is None and query.by in ("key", "model"):
+    if keys is None:
         keys = await ledger.call("usage", store.keys, REPORT_TIMEOUT_SECONDS)
-    keys = keys or ()
     if query.by == "key":
         for k in keys:
             if (not key or k.id == key) and (not team or k.team == team):
                 names.setdefault(group_of(k.id, k.team), []).append(k.id)
     elif query.by == "team":
-        for name in await _team_names(ledger):
+        for name in await _team_names(ledger, keys):
             if not team or name == team:
                 names[group_of("", name)] = [name]
     else:
         # A model's spend is kept in each group it was spent in: every team's, and
         # that of every key without a team.
-        groups = {group_of("", name) for name in await _team_names(ledger)}
+        groups = {group_of("", name) for name in await _team_names(ledger, keys)}
         groups |= {group_of(k.id, None) for k in keys if not k.team}
         names = {group: list(models) for group in sorted(groups)}
     periods = query.periods()
@@ -145,11 +144,9 @@ async def history(
     return rows(found, periods, COLUMN[query.by])
 
 
-async def _team_names(ledger: Ledger) -> list[str]:
+async def _team_names(ledger: Ledger, keys: Sequence[KeyRecord]) -> list[str]:
     """Every team: those set on their own and those of keys."""
-    store = ledger.store
-    teams = await ledger.call("usage", store.teams, REPORT_TIMEOUT_SECONDS)
-    keys = await ledger.call("usage", store.keys, REPORT_TIMEOUT_SECONDS)
+    teams = await ledger.call("usage", ledger.store.teams, REPORT_TIMEOUT_SECONDS)
     return sorted({t.name for t in teams} | {k.team for k in keys if k.team})
 
 
@@ -171,7 +168,9 @@ async def report(
 def rows(
     found: Mapping[tuple[str, str], Spend], periods: Sequence[str], column: str
 ) -> list[dict[str, Any]]:
-    order = {period: i for i, period in enumerate(periods)}
+    by_period: dict[str, list[tuple[str, Spend]]] = {period: [] for period in periods}
+    for (name, period), spend in found.items():
+        by_period[period].append((name, spend))
     return [
         {
             "period": period,
@@ -180,8 +179,13 @@ def rows(
             "uncertain_usd": spend.uncertain / 1e6,
             "requests": spend.requests,
         }
-        for (name, period), spend in sorted(found.items(), key=lambda c: (order[c[0][1]], c[0][0]))
+        for period, cells in by_period.items()
+        for name, spend in sorted(cells, key=_first)
     ]
+
+
+def _first(cell: tuple[str, Spend]) -> str:
+    return cell[0]
 
 
 def as_csv(rows: Sequence[Mapping[str, Any]], by: str) -> str:

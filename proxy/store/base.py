@@ -30,7 +30,7 @@ import abc
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..limits import Limits
 
@@ -182,9 +182,9 @@ class Tally:
         }
 
 
-@dataclass(frozen=True)
-class Spend:
-    """What one key, team or model spent in one period (history; no limit, no holds)."""
+class Spend(NamedTuple):
+    """What one key, team or model spent in one period (history; no limit, no holds).
+    A tuple: a report makes hundreds of thousands."""
 
     spent: int = 0
     uncertain: int = 0

@@ -391,26 +391,23 @@ class RedisStore(Store):
             for group, group_names in names.items()
             for i in range(0, len(group_names), step)
         ]
+        joined = " ".join(periods)
         answers: list[Any] = []
         for start in range(0, len(calls), HISTORY_PIPELINE):
             async with self.r.pipeline(transaction=False) as pipe:
                 for group, part in calls[start : start + HISTORY_PIPELINE]:
                     base = self._base(group)
-                    args = [base, scope, len(part), *part, *periods]
+                    args = [base, scope, joined, *part]
                     await self._history(keys=[base + "team"], args=args, client=pipe)
                 answers += await pipe.execute()
         found: dict[tuple[str, str], Spend] = {}
         for (_, part), flat in zip(calls, answers, strict=True):
             for i in range(0, len(flat), 5):
                 cell = (part[flat[i] - 1], periods[flat[i + 1] - 1])
-                spend = Spend(int(flat[i + 2]), int(flat[i + 3]), int(flat[i + 4]))
-                if cell in found:  # a model kept in several groups
-                    was = found[cell]
-                    spend = Spend(
-                        was.spent + spend.spent,
-                        was.uncertain + spend.uncertain,
-                        was.requests + spend.requests,
-                    )
+                spend = Spend(flat[i + 2], flat[i + 3], flat[i + 4])
+                was = found.get(cell)
+                if was is not None:  # a model kept in several groups
+                    spend = Spend(*(a + b for a, b in zip(was, spend, strict=True)))
                 found[cell] = spend
         return found
 
