@@ -141,7 +141,12 @@ async def history(
     found = await ledger.call(
         "usage", lambda: store.history(query.by, names, periods), REPORT_TIMEOUT_SECONDS
     )
-    return rows(found, periods, COLUMN[query.by])
+    answer = rows(found, periods, COLUMN[query.by])
+    if query.by == "key":
+        key_names = {k.id: k.name for k in keys}
+        for row in answer:
+            row["name"] = key_names[row["key_id"]]
+    return answer
 
 
 async def _team_names(ledger: Ledger, keys: Sequence[KeyRecord]) -> list[str]:

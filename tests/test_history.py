@@ -225,6 +225,8 @@ def test_admin_usage_history_by_key_and_model_per_day(shop: dict[str, Any]) -> N
     assert cells[("2026-11-03", keys["carol"]["id"])] == 0.03
     assert all(cells[(now, keys[name]["id"])] == 0.03 for name in keys)
     assert ("2026-10-15", keys["alice"]["id"]) not in cells  # before the range
+    names = {row["key_id"]: row["name"] for row in body["rows"]}
+    assert names == {keys[name]["id"]: name for name in keys}
     periods = [row["period"] for row in body["rows"]]
     assert periods == sorted(periods)
 
