@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from . import usage
 from .auth import Authenticator, bears
 from .config import Settings
 from .errors import InvalidRequest, NotFound, ProxyError, Unauthorized
@@ -20,13 +21,21 @@ from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
 from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes, team_name
-from .store import KeyRecord, Limits, Periods, Team
+from .store import KeyRecord, Limits, Team
 
 
 def json_response(value: Any, status: int = 200) -> Response:
     import orjson
 
     return Response(orjson.dumps(value), status, media_type="application/json")
+
+
+def csv_response(text: str, name: str) -> Response:
+    return Response(
+        text,
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="{name}.csv"'},
+    )
 
 
 def error_response(error: ProxyError) -> Response:
@@ -182,10 +191,11 @@ class Admin:
 
     # usage ---------------------------------------------------------------------------
     async def usage(self, request: Request) -> Response:
-        query = request.query_params
-        return json_response(
-            await usage_report(self.ledger, key=query.get("key"), team=query.get("team"))
-        )
+        params = request.query_params
+        query, result = await usage.report(self.ledger, params, self.models)
+        if query.csv:
+            return csv_response(usage.as_csv(result["rows"], query.by), f"usage-by-{query.by}")
+        return json_response(result)
 
     async def own_usage(self, request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/usage"
@@ -193,52 +203,29 @@ class Admin:
             caller = await self.auth.authenticate(request.headers)
             periods = self.ledger.periods()
             key = caller.key
+            params = request.query_params
+            if usage.wants_history(params):
+                query = usage.parse_query(params, periods.day, by=False)
+                rows = await usage.history(self.ledger, query, self.models, keys=[key])
+                if query.csv:
+                    return csv_response(usage.as_csv(rows, "key"), "usage")
+                history = {"object": "proxy.usage_history", **query.public(), "rows": rows}
+                return json_response({"key": key.public(), **history})
             result: dict[str, Any] = {
                 "object": "proxy.usage",
                 "key": key.public(),
                 "day": periods.day,
                 "month": periods.month,
-                **await _tallies(self.ledger, "key", key.id, periods),
+                **await usage.tallies(self.ledger, "key", key.id, periods),
             }
             if key.team:
                 result["team"] = {
                     "name": key.team,
-                    **await _tallies(self.ledger, "team", key.team, periods),
+                    **await usage.tallies(self.ledger, "team", key.team, periods),
                 }
             return json_response(result)
         except ProxyError as error:
             return error_response(error)
-
-
-async def usage_report(
-    ledger: Ledger, *, key: str | None = None, team: str | None = None
-) -> dict[str, Any]:
-    """Spend per key and per team, today and this month, as ``GET /admin/usage`` and
-    ``apiyi-proxy usage`` show it: the teams of keys and the teams set on their own."""
-    store = ledger.store
-    periods = ledger.periods()
-    keys = await ledger.call("admin", store.keys)
-    rows = [
-        {**k.public(), **await _tallies(ledger, "key", k.id, periods)}
-        for k in keys
-        if (not key or k.id == key) and (not team or k.team == team)
-    ]
-    teams = sorted(
-        {k.team for k in keys if k.team} | {t.name for t in await ledger.call("admin", store.teams)}
-    )
-    team_rows = [
-        {"team": t, **await _tallies(ledger, "team", t, periods)}
-        for t in teams
-        if not team or t == team
-    ]
-    return {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
-
-
-async def _tallies(ledger: Ledger, scope: str, name: str, periods: Periods) -> dict[str, Any]:
-    store = ledger.store
-    day = await ledger.call("usage", lambda: store.tally(scope, name, periods.day))
-    month = await ledger.call("usage", lambda: store.tally(scope, name, periods.month))
-    return {"today": day.as_usd(), "this_month": month.as_usd()}
 
 
 def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:

@@ -141,8 +141,17 @@ def _parser() -> argparse.ArgumentParser:
         description=STORE_COMMANDS,
         epilog=EPILOG,
     )
-    usage.add_argument("--key")
-    usage.add_argument("--team")
+    usage.add_argument("--key", help="one key's spend only")
+    usage.add_argument("--team", help="one team's (and its keys') spend only")
+    usage.add_argument(
+        "--from", dest="start", metavar="DAY", help="first day (or month) of a history"
+    )
+    usage.add_argument("--to", dest="end", metavar="DAY", help="last day (or month); default today")
+    usage.add_argument(
+        "--by", choices=("key", "team", "model"), help="history rows per key, team or model"
+    )
+    usage.add_argument("--period", choices=("day", "month"), help="history rows per day or month")
+    usage.add_argument("--csv", action="store_true", help="history as CSV")
     _where_flags(usage)
     usage.set_defaults(run=_usage)
     return parser
@@ -432,18 +441,37 @@ def _teams_set(args: argparse.Namespace) -> int:
 
 
 def _usage(args: argparse.Namespace) -> int:
+    """What ``GET /admin/usage`` answers: today's and this month's totals, or with
+    ``--from``/``--to``/``--by``/``--period`` the history; ``--csv`` writes its rows."""
+    from .errors import InvalidRequest
+    from .usage import as_csv, report
+
+    flags = {"from": args.start, "to": args.end, "by": args.by, "period": args.period}
+    params = {name: value for name, value in flags.items() if value}
+    if args.csv:
+        params["format"] = "json"  # rows come as JSON and are written here as CSV
+    params.update({name: getattr(args, name) for name in ("key", "team") if getattr(args, name)})
+
+    def show(answer: dict[str, Any]) -> int:
+        if args.csv:
+            sys.stdout.write(as_csv(answer["rows"], answer["by"]))
+        else:
+            _print(answer)
+        return 0
+
     async def direct(settings: Settings, store: Store) -> int:
-        from .admin import usage_report
         from .ledger import Ledger
         from .metrics import Metrics
 
         ledger = Ledger(store, settings, Metrics())
-        _print(await usage_report(ledger, key=args.key, team=args.team))
-        return 0
+        try:
+            _, answer = await report(ledger, params, [m.name for m in settings.policy.models])
+        except InvalidRequest as error:
+            print(f"apiyi-proxy usage: {error.message}", file=sys.stderr)
+            return 2
+        return show(answer)
 
     def remote(client: AdminClient) -> int:
-        query = {name: getattr(args, name) for name in ("key", "team") if getattr(args, name)}
-        _print(client.call("GET", "/admin/usage", query=query))
-        return 0
+        return show(client.call("GET", "/admin/usage", query=params))
 
     return _run(args, direct, remote)

@@ -30,7 +30,7 @@ from typing import TypeVar
 
 from .config import Settings
 from .errors import BudgetExceeded, ProxyError, RateLimited, StoreUnavailable, Unauthorized
-from .metrics import HOLD_EXPIRED, NO_TEAM, Metrics, StoreOperation, StoreRefused
+from .metrics import HOLD_EXPIRED, NO_TEAM, TOP_KEYS, Metrics, StoreOperation, StoreRefused
 from .money import Charge
 from .store import (
     ClaimRequest,
@@ -120,17 +120,24 @@ class Ledger:
         self._keys_seen = False  # the store's keys are read once, for their teams' metrics
         # Told of every settle the store took that kept money (budget alerts); never waits.
         self.on_spend: Callable[[HoldRequest], None] | None = None
+        self._top_keys: set[tuple[str, str, str]] = set()  # label sets of the top keys shown
         metrics.learn(models=(m.name for m in settings.policy.models), teams=self._seeds)
 
     # store calls ---------------------------------------------------------------------
-    async def call(self, operation: StoreOperation, step: Callable[[], Awaitable[T]]) -> T:
-        """Run one store step within the store timeout; failures become 503."""
+    async def call(
+        self,
+        operation: StoreOperation,
+        step: Callable[[], Awaitable[T]],
+        seconds: float | None = None,
+    ) -> T:
+        """Run one store step within the store timeout (or ``seconds``, for a report
+        off the request path); failures become 503."""
         started = time.perf_counter()
         try:
             if self.store.in_process:
                 result = await step()  # nothing to wait for: no timer needed
             else:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout(seconds or self._timeout):
                     result = await step()
         except (StoreError, TimeoutError, OSError) as exc:
             self._metrics.store_errors.labels(operation).inc()
@@ -380,6 +387,31 @@ class Ledger:
                     remaining = tally.remaining or 0
                     self._metrics.budget_remaining_usd.labels(team.name, kind).set(remaining / 1e6)
                     self._metrics.budget_limit_usd.labels(team.name, kind).set(tally.limit / 1e6)
+        await self.refresh_top_keys(periods)
+
+    async def refresh_top_keys(self, periods: Periods) -> None:
+        """Set the top-spending keys' gauge from the store (every replica shows the
+        same), and drop the keys that left the top."""
+        keys = await self.call("key", self.store.keys)
+        names: dict[str, list[str]] = {}
+        for k in keys:
+            names.setdefault(group_of(k.id, k.team), []).append(k.id)
+        spent = await self.call(
+            "usage", lambda: self.store.history("key", names, [periods.day, periods.month])
+        )
+        by_id = {k.id: k.name for k in keys}
+        shown: set[tuple[str, str, str]] = set()
+        for kind, period in (("day", periods.day), ("month", periods.month)):
+            cells = [(s.spent, key_id) for (key_id, p), s in spent.items() if p == period]
+            for amount, key_id in sorted(cells, reverse=True)[:TOP_KEYS]:
+                if amount > 0:
+                    shown.add((key_id, by_id[key_id], kind))
+                    gauge = self._metrics.top_key_spend_usd.labels(key_id, by_id[key_id], kind)
+                    gauge.set(amount / 1e6)
+        for gone in self._top_keys - shown:
+            with contextlib.suppress(KeyError):
+                self._metrics.top_key_spend_usd.remove(*gone)
+        self._top_keys = shown
 
     async def stop(self, grace: float = 5.0) -> None:
         """Give queued settles a last chance to land, then stop the background work."""

@@ -76,6 +76,7 @@ HOLD_EXPIRED: Final = "expired"
 HOLD_OUTCOMES: Final = (*(r.value for r in Resolution), HOLD_EXPIRED)
 REPLAY_KINDS: Final = ("idempotency_key", "sdk_retry")
 BUDGET_ALERT_RESULTS: Final = ("delivered", "failed", "dropped")  # alerts.Delivery
+TOP_KEYS: Final = 10  # keys shown by top_key_spend_usd, per period
 # What each store call is counted as; mypy holds every caller of ``Ledger.call`` to it.
 StoreOperation = Literal[
     "admin", "alerts", "expire", "idempotency", "key", "ping", "renew", "reserve", "settle",
@@ -335,6 +336,14 @@ class Metrics:
                 multiprocess_mode="mostrecent",
             )
         )
+        self.top_key_spend_usd = Gauge(
+            f"{p}_top_key_spend_usd",
+            f"Spend of the {TOP_KEYS} keys that spent most today (period=day) and this "
+            "month (period=month), read from the store every half minute.",
+            ["key_id", "name", "period"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.store_errors = Labelled(
             Counter(f"{p}_store_errors", "Store calls that failed.", ["operation"], registry=r)
         )
@@ -492,6 +501,7 @@ EXPORTED_NAMES: Final = (
     "apiyi_proxy_holds_resolved_total",
     "apiyi_proxy_budget_remaining_usd",
     "apiyi_proxy_budget_limit_usd",
+    "apiyi_proxy_top_key_spend_usd",
     "apiyi_proxy_store_errors_total",
     "apiyi_proxy_store_duration_seconds",
     "apiyi_proxy_idempotent_replays_total",

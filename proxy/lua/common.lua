@@ -24,16 +24,20 @@ local USAGE_TTL = 400 * 86400
 local TOMBSTONE_MS = 2 * 86400000
 
 -- Book money in a key's (and its team's) day and month: `held` leaves the hold
--- column, `spent` (of it `uncertain`) is kept, `requests` counted.
-local function book(base, key_id, team, day, month, held, spent, uncertain, requests)
+-- column, `spent` (of it `uncertain`) is kept, `requests` counted. The model's spend is
+-- kept too, in the group (a model's history sums it over every group).
+local function book(base, key_id, team, day, month, held, spent, uncertain, requests, model)
   local scopes = { { 'key', key_id } }
   if team and team ~= '' then
-    scopes[2] = { 'team', team }
+    scopes[#scopes + 1] = { 'team', team }
+  end
+  if model and model ~= '' then
+    scopes[#scopes + 1] = { 'model', model }
   end
   for _, s in ipairs(scopes) do
     for _, period in ipairs({ day, month }) do
       local k = usage_key(base, s[1], s[2], period)
-      if held ~= 0 then redis.call('HINCRBY', k, 'held', -held) end
+      if held ~= 0 and s[1] ~= 'model' then redis.call('HINCRBY', k, 'held', -held) end
       if spent > 0 then redis.call('HINCRBY', k, 'spent', spent) end
       if uncertain > 0 then redis.call('HINCRBY', k, 'uncertain', uncertain) end
       if requests > 0 then
@@ -54,13 +58,14 @@ end
 -- not have been billed); the rest is refunded. Acts once per hold.
 local function resolve(base, hold_id, spent, uncertain, state)
   local hold_key = base .. 'hold:' .. hold_id
-  local h = redis.call('HMGET', hold_key, 'state', 'key', 'team', 'amount', 'day', 'month')
+  local h = redis.call('HMGET', hold_key, 'state', 'key', 'team', 'amount', 'day', 'month',
+    'model')
   if h[1] ~= 'held' then
     return 0
   end
   local amount = tonumber(h[4])
   spent, uncertain = clamp(spent, uncertain, amount)
-  book(base, h[2], h[3], h[5], h[6], amount, spent, uncertain, 0)
+  book(base, h[2], h[3], h[5], h[6], amount, spent, uncertain, 0, h[7])
   redis.call('HSET', hold_key, 'state', state, 'spent', spent, 'uncertain', uncertain)
   redis.call('ZREM', base .. 'holds', hold_id)
   redis.call('ZREM', base .. 'active:' .. h[2], hold_id)

@@ -17,11 +17,20 @@ for i = 3, 4 do
   if (tonumber(u[1]) or 0) ~= 0 or (tonumber(u[2]) or 0) ~= 0 then return 0 end
   doomed[#doomed + 1] = k
 end
+-- The key has a group of its own (no team): its models' counters there are its alone.
+local models = {}
 for i = 6, #ARGV do
   local hold = base .. 'hold:' .. ARGV[i]
-  local h = redis.call('HMGET', hold, 'state', 'key')
+  local h = redis.call('HMGET', hold, 'state', 'key', 'model')
   if h[1] == 'held' then return 0 end
-  if h[2] == key_id then doomed[#doomed + 1] = hold end
+  if h[2] == key_id then
+    doomed[#doomed + 1] = hold
+    if h[3] and h[3] ~= '' and not models[h[3]] then
+      models[h[3]] = true
+      doomed[#doomed + 1] = usage_key(base, 'model', h[3], ARGV[3])
+      doomed[#doomed + 1] = usage_key(base, 'model', h[3], ARGV[4])
+    end
+  end
 end
 redis.call('DEL', unpack(doomed))
 redis.call('PUBLISH', ARGV[5], key[4])

@@ -72,6 +72,11 @@ for _, l in ipairs(levels) do
     remaining[#remaining + 1] = l[4] - tonumber(u[1]) - (tonumber(u[2]) or 0)
   end
 end
+for _, period in ipairs({ day, month }) do
+  local k = usage_key(base, 'model', ARGV[8], period)
+  redis.call('HINCRBY', k, 'requests', 1)
+  redis.call('EXPIRE', k, USAGE_TTL)
+end
 local deadline = now + ttl
 local hold_key = base .. 'hold:' .. hold_id
 redis.call('HSET', hold_key, 'state', 'held', 'key', key_id, 'team', team,

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ..limits import Limits
 
@@ -215,6 +215,15 @@ def reached(spent: int, limit: int, threshold: str) -> bool:
     return spent * 100 >= limit * float(threshold)
 
 
+class Spend(NamedTuple):
+    """What one key, team or model spent in one period (history; no limit, no holds).
+    A tuple: a report makes hundreds of thousands."""
+
+    spent: int = 0
+    uncertain: int = 0
+    requests: int = 0
+
+
 @dataclass(frozen=True)
 class Team:
     name: str
@@ -362,6 +371,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def tally(self, scope: str, name: str, period: str) -> Tally:
         """Money of key ``name`` (scope "key") or team ``name`` (scope "team") in a period."""
+
+    @abc.abstractmethod
+    async def history(
+        self, scope: str, names: Mapping[str, Sequence[str]], periods: Sequence[str]
+    ) -> dict[tuple[str, str], Spend]:
+        """Spend per (name, period) of ``scope`` ("key", "team" or "model"), for the
+        (name, period) pairs with any; ``names`` lists them by the group they are kept
+        in (``group_of``). A model is kept in every group it spent in, and its spend is
+        the sum over the groups it is listed under."""
 
     @abc.abstractmethod
     async def holds_outstanding(self) -> int: ...

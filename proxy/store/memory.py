@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from .base import (
     Refusal,
     Reservation,
     Settlement,
+    Spend,
     Store,
     Tally,
     Team,
@@ -195,6 +196,8 @@ class MemoryStore(Store):
             c.requests += 1
             if scope == "team" and limit is not None:
                 remaining[period] = limit - c.held - c.spent
+        for period in (p.day, p.month):
+            self._ledger[("model", request.model, period)].requests += 1
         hold = _Hold(request, now + request.ttl_seconds)
         claimed = False
         if request.claim is not None:
@@ -289,6 +292,11 @@ class MemoryStore(Store):
                 c.spent += spent
                 c.uncertain += uncertain
                 c.requests += requests
+        for period in (request.periods.day, request.periods.month):
+            c = self._ledger[("model", request.model, period)]
+            c.spent += spent
+            c.uncertain += uncertain
+            c.requests += requests
 
     async def tally(self, scope: str, name: str, period: str) -> Tally:
         c = self._ledger.get((scope, name, period), _Counter())
@@ -301,6 +309,18 @@ class MemoryStore(Store):
             lim = self._teams[name].limits
             limit = lim.daily_micros if daily else lim.monthly_micros
         return Tally(limit, c.held, c.spent, c.uncertain, c.requests)
+
+    async def history(
+        self, scope: str, names: Mapping[str, Sequence[str]], periods: Sequence[str]
+    ) -> dict[tuple[str, str], Spend]:
+        wanted = {name for group_names in names.values() for name in group_names}
+        found: dict[tuple[str, str], Spend] = {}
+        for name in wanted:
+            for period in periods:
+                c = self._ledger.get((scope, name, period))
+                if c is not None and (c.spent or c.requests):
+                    found[(name, period)] = Spend(c.spent, c.uncertain, c.requests)
+        return found
 
     async def holds_outstanding(self) -> int:
         return len(self._holds)

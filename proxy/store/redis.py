@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -58,6 +58,7 @@ from .base import (
     Refusal,
     Reservation,
     Settlement,
+    Spend,
     Store,
     StoreError,
     Tally,
@@ -72,6 +73,8 @@ from .redis_records import key_fields, key_record, script_fields, team_fields, t
 from .resp import MultiplexedConnection
 
 EXPIRE_BATCH = 200
+HISTORY_CELLS = 2048  # counters one history call reads, at most
+HISTORY_PIPELINE = 256  # history calls sent at once
 
 
 class RedisStore(Store):
@@ -102,6 +105,7 @@ class RedisStore(Store):
         self._forget_key = client.register_script(load_script("forget_key"))
         self._key_write = client.register_script(load_script("key_write"))
         self._alert_thresholds = client.register_script(load_script("alert_thresholds"))
+        self._history = client.register_script(load_script("history"))
         self._groups: dict[str, str] = {}
         self._active = ActiveGroups(client, prefix)
 
@@ -183,11 +187,11 @@ class RedisStore(Store):
     @translated
     async def keys(self) -> list[KeyRecord]:
         groups: dict[str, str] = await self.r.hgetall(f"{self.p}:keygroups")
-        records = []
-        for key_id, group in groups.items():
-            record = key_record(await self.r.hgetall(self._base(group) + "key:" + key_id))
-            if record is not None:
-                records.append(record)
+        async with self.r.pipeline(transaction=False) as pipe:
+            for key_id, group in groups.items():
+                pipe.hgetall(self._base(group) + "key:" + key_id)
+            answers = await pipe.execute() if groups else []
+        records = [r for r in map(key_record, answers) if r is not None]
         return sorted(records, key=lambda k: (k.created, k.id))
 
     async def update_key(self, key_id: str, **changes: Any) -> KeyRecord | None:
@@ -319,6 +323,7 @@ class RedisStore(Store):
         if request is not None:
             p = request.periods
             args += [request.key_id, request.team or "", p.day, p.month, request.amount]
+            args.append(request.model)
         done = await self._run(self._settle, [base + "hold:" + hold_id], args)
         return Settlement(int(done))
 
@@ -375,6 +380,40 @@ class RedisStore(Store):
             int(fields.get("uncertain", 0)),
             int(fields.get("requests", 0)),
         )
+
+    @translated
+    async def history(
+        self, scope: str, names: Mapping[str, Sequence[str]], periods: Sequence[str]
+    ) -> dict[tuple[str, str], Spend]:
+        # One script call per group and slice of names, each reading at most
+        # HISTORY_CELLS counters so that no call holds the server for long. They go
+        # pipelined through redis-py's pool, never on the money scripts' connection,
+        # where a long report would queue the request path behind it.
+        step = max(1, HISTORY_CELLS // max(1, len(periods)))
+        calls = [
+            (group, group_names[i : i + step])
+            for group, group_names in names.items()
+            for i in range(0, len(group_names), step)
+        ]
+        joined = " ".join(periods)
+        answers: list[Any] = []
+        for start in range(0, len(calls), HISTORY_PIPELINE):
+            async with self.r.pipeline(transaction=False) as pipe:
+                for group, part in calls[start : start + HISTORY_PIPELINE]:
+                    base = self._base(group)
+                    args = [base, scope, joined, *part]
+                    await self._history(keys=[base + "team"], args=args, client=pipe)
+                answers += await pipe.execute()
+        found: dict[tuple[str, str], Spend] = {}
+        for (_, part), flat in zip(calls, answers, strict=True):
+            for i in range(0, len(flat), 5):
+                cell = (part[flat[i] - 1], periods[flat[i + 1] - 1])
+                spend = Spend(flat[i + 2], flat[i + 3], flat[i + 4])
+                was = found.get(cell)
+                if was is not None:  # a model kept in several groups
+                    spend = Spend(*(a + b for a, b in zip(was, spend, strict=True)))
+                found[cell] = spend
+        return found
 
     @translated
     async def holds_outstanding(self) -> int:

@@ -1,0 +1,248 @@
+"""Spend history: ``GET /admin/usage``, ``GET /v1/usage`` and ``apiyi-proxy usage``.
+
+The ledger books every key's, team's and model's spend per day and month, kept 400
+days. A report reads those counters for a range of days (``period=day``) or months
+(``period=month``) and answers one row per name and period that saw any request:
+``{"period", "key_id"|"team"|"model", "spent_usd", "uncertain_usd", "requests"}``, or
+the same as CSV under the header ``period,<by>,spent_usd,uncertain_usd,requests``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, timedelta
+from typing import Any, Literal
+
+from .errors import InvalidRequest
+from .ledger import Ledger
+from .store import KeyRecord, Periods, Spend, group_of
+
+By = Literal["key", "team", "model"]
+BY: tuple[By, ...] = ("key", "team", "model")
+COLUMN = {"key": "key_id", "team": "team", "model": "model"}
+HISTORY_DAYS = 400  # how long the ledger keeps its counters
+REPORT_TIMEOUT_SECONDS = 30.0  # a report reads many counters; never on the request path
+QUERY_FIELDS = ("from", "to", "by", "period", "format")
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated history request."""
+
+    start: date
+    end: date
+    by: By = "key"
+    period: Literal["day", "month"] = "day"
+    csv: bool = False
+
+    def periods(self) -> list[str]:
+        """The counters' period names in the range, oldest first."""
+        if self.period == "month":
+            months, month = [], self.start.replace(day=1)
+            while month <= self.end:
+                months.append(month.strftime("%Y-%m"))
+                month = (month + timedelta(days=32)).replace(day=1)
+            return months
+        days = (self.end - self.start).days + 1
+        return [(self.start + timedelta(days=i)).isoformat() for i in range(days)]
+
+    def public(self) -> dict[str, str]:
+        return {
+            "from": self.start.isoformat(),
+            "to": self.end.isoformat(),
+            "by": self.by,
+            "period": self.period,
+        }
+
+
+def wants_history(params: Mapping[str, str]) -> bool:
+    return any(name in params for name in QUERY_FIELDS)
+
+
+def parse_query(params: Mapping[str, str], today: str, *, by: bool = True) -> Query:
+    """Read ``from``, ``to``, ``by``, ``period`` and ``format``; 400 naming the field.
+
+    ``from`` and ``to`` are days (``2026-11-05``) or months (``2026-11``: its first day
+    for ``from``, its last for ``to``); by default this month up to today.
+    """
+    now = date.fromisoformat(today)
+    period = params.get("period", "day")
+    if period not in ("day", "month"):
+        raise InvalidRequest("'period' must be 'day' or 'month'.", param="period")
+    grouping = params.get("by", "key")
+    if not by and "by" in params:
+        raise InvalidRequest("'by' is not taken here: this is the calling key's usage.", param="by")
+    if grouping not in BY:
+        raise InvalidRequest("'by' must be 'key', 'team' or 'model'.", param="by")
+    form = params.get("format", "json")
+    if form not in ("json", "csv"):
+        raise InvalidRequest("'format' must be 'json' or 'csv'.", param="format")
+    end = _day(params["to"], "to", last=True) if "to" in params else now
+    start = _day(params["from"], "from", last=False) if "from" in params else end.replace(day=1)
+    if start > end:
+        raise InvalidRequest("'from' must not be after 'to'.", param="from")
+    if (end - start).days >= HISTORY_DAYS + 31:
+        raise InvalidRequest(
+            f"The range is longer than the {HISTORY_DAYS} days the ledger keeps.", param="from"
+        )
+    return Query(start, end, grouping, period, form == "csv")  # type: ignore[arg-type]
+
+
+def _day(value: str, param: str, *, last: bool) -> date:
+    try:
+        if len(value) == 7:  # a month
+            first = date.fromisoformat(value + "-01")
+            if not last:
+                return first
+            return (first + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+        if len(value) != 10:
+            raise ValueError(value)
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"'{param}' must be a day (YYYY-MM-DD) or a month (YYYY-MM).", param=param
+        ) from None
+
+
+async def history(
+    ledger: Ledger,
+    query: Query,
+    models: Iterable[str],
+    *,
+    key: str | None = None,
+    team: str | None = None,
+    keys: Sequence[KeyRecord] | None = None,
+) -> list[dict[str, Any]]:
+    """The rows of ``query``, oldest period first, then by name; only the keys of
+    ``team`` or the one ``key`` when given (``by=key``), among ``keys`` if given
+    (else the store's)."""
+    store = ledger.store
+    names: dict[str, list[str]] = {}
+    if keys is None:
+        keys = await ledger.call("usage", store.keys, REPORT_TIMEOUT_SECONDS)
+    if query.by == "key":
+        for k in keys:
+            if (not key or k.id == key) and (not team or k.team == team):
+                names.setdefault(group_of(k.id, k.team), []).append(k.id)
+    elif query.by == "team":
+        for name in await _team_names(ledger, keys):
+            if not team or name == team:
+                names[group_of("", name)] = [name]
+    else:
+        # A model's spend is kept in each group it was spent in: every team's, and
+        # that of every key without a team.
+        groups = {group_of("", name) for name in await _team_names(ledger, keys)}
+        groups |= {group_of(k.id, None) for k in keys if not k.team}
+        names = {group: list(models) for group in sorted(groups)}
+    periods = query.periods()
+    found = await ledger.call(
+        "usage", lambda: store.history(query.by, names, periods), REPORT_TIMEOUT_SECONDS
+    )
+    answer = rows(found, periods, COLUMN[query.by])
+    if query.by == "key":
+        key_names = {k.id: k.name for k in keys}
+        for row in answer:
+            row["name"] = key_names[row["key_id"]]
+    return answer
+
+
+async def _team_names(ledger: Ledger, keys: Sequence[KeyRecord]) -> list[str]:
+    """Every team: those set on their own and those of keys."""
+    teams = await ledger.call("usage", ledger.store.teams, REPORT_TIMEOUT_SECONDS)
+    return sorted({t.name for t in teams} | {k.team for k in keys if k.team})
+
+
+async def report(
+    ledger: Ledger, params: Mapping[str, str], models: Iterable[str]
+) -> tuple[Query, dict[str, Any]]:
+    """``GET /admin/usage``: the history ``params`` ask for (``key`` and ``team``
+    narrow it); without history parameters, today's and this month's totals too."""
+    key, team = params.get("key"), params.get("team")
+    query = parse_query(params, ledger.periods().day)
+    rows = await history(ledger, query, models, key=key, team=team)
+    result: dict[str, Any] = {"object": "proxy.usage_history", **query.public()}
+    if not wants_history(params):
+        result.update(await usage_report(ledger, key=key, team=team))
+    result["rows"] = rows
+    return query, result
+
+
+def rows(
+    found: Mapping[tuple[str, str], Spend], periods: Sequence[str], column: str
+) -> list[dict[str, Any]]:
+    by_period: dict[str, list[tuple[str, Spend]]] = {period: [] for period in periods}
+    for (name, period), spend in found.items():
+        by_period[period].append((name, spend))
+    return [
+        {
+            "period": period,
+            column: name,
+            "spent_usd": spend.spent / 1e6,
+            "uncertain_usd": spend.uncertain / 1e6,
+            "requests": spend.requests,
+        }
+        for period, cells in by_period.items()
+        for name, spend in sorted(cells, key=_first)
+    ]
+
+
+def _first(cell: tuple[str, Spend]) -> str:
+    return cell[0]
+
+
+def as_csv(rows: Sequence[Mapping[str, Any]], by: str) -> str:
+    """``period,<by>,spent_usd,uncertain_usd,requests``, amounts to the micro-dollar."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["period", by, "spent_usd", "uncertain_usd", "requests"])
+    column = COLUMN[by]
+    for row in rows:
+        writer.writerow(
+            [
+                row["period"],
+                row[column],
+                _usd(row["spent_usd"]),
+                _usd(row["uncertain_usd"]),
+                row["requests"],
+            ]
+        )
+    return out.getvalue()
+
+
+def _usd(amount: float) -> str:
+    micros = round(amount * 1e6)
+    return f"{micros // 1_000_000}.{micros % 1_000_000:06d}"
+
+
+async def usage_report(
+    ledger: Ledger, *, key: str | None = None, team: str | None = None
+) -> dict[str, Any]:
+    """Spend per key and per team, today and this month, as ``GET /admin/usage`` and
+    ``apiyi-proxy usage`` show it: the teams of keys and the teams set on their own."""
+    store = ledger.store
+    periods = ledger.periods()
+    keys = await ledger.call("admin", store.keys)
+    rows = [
+        {**k.public(), **await tallies(ledger, "key", k.id, periods)}
+        for k in keys
+        if (not key or k.id == key) and (not team or k.team == team)
+    ]
+    teams = sorted(
+        {k.team for k in keys if k.team} | {t.name for t in await ledger.call("admin", store.teams)}
+    )
+    team_rows = [
+        {"team": t, **await tallies(ledger, "team", t, periods)}
+        for t in teams
+        if not team or t == team
+    ]
+    return {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
+
+
+async def tallies(ledger: Ledger, scope: str, name: str, periods: Periods) -> dict[str, Any]:
+    store = ledger.store
+    day = await ledger.call("usage", lambda: store.tally(scope, name, periods.day))
+    month = await ledger.call("usage", lambda: store.tally(scope, name, periods.month))
+    return {"today": day.as_usd(), "this_month": month.as_usd()}
