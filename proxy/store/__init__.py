@@ -22,8 +22,10 @@ from .base import (
     hold_group,
 )
 from .memory import MemoryStore
+from .requests import BadCursor, RequestRecord
 
 __all__ = [
+    "BadCursor",
     "ClaimRequest",
     "HoldRequest",
     "IdemRecord",
@@ -33,6 +35,7 @@ __all__ = [
     "MemoryStore",
     "Periods",
     "Refusal",
+    "RequestRecord",
     "Reservation",
     "Settlement",
     "Store",
@@ -48,7 +51,7 @@ __all__ = [
 def open_store(settings: StoreSettings) -> Store:
     scheme = settings.url.partition("://")[0]
     if scheme == "memory":
-        return MemoryStore()
+        return MemoryStore(request_log_max=settings.request_log_cap)
     from .redis import RedisStore  # the redis client loads only when a Redis store is used
 
     return RedisStore.from_settings(settings)
