@@ -354,10 +354,9 @@ def test_the_log_holds_about_its_cap_in_the_proxy(
 ) -> None:
     server = RedisServer(["--stream-node-max-entries", "10"])
     try:
-        shared = proxy_process(
-            env_for(upstream, APIYI_PROXY_STORE_URL=server.url, APIYI_PROXY_STORE__REQUEST_LOG_MAX="20")
-        )  # fmt: skip
-        local = proxy_process(env_for(upstream, APIYI_PROXY_STORE__REQUEST_LOG_MAX="20"))
+        cap = {"APIYI_PROXY_STORE__REQUEST_LOG_MAX": "20"}
+        shared = proxy_process(env_for(upstream, APIYI_PROXY_STORE_URL=server.url, **cap))
+        local = proxy_process(env_for(upstream, **cap))
         for proxy in (shared, local):
             key, _ = key_id(proxy, "busy")
             ids = [generate(proxy, key).headers["x-request-id"] for _ in range(60)]
