@@ -11,6 +11,8 @@ import asyncio
 import csv
 import io
 import re
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -267,9 +269,11 @@ def test_every_call_that_held_money_is_one_record(
     released = generate(proxy, design, "[fake:500] p")
     uncertain = generate(proxy, solo, "[fake:timeout] p")
     refused = generate(proxy, solo, n=3)  # the policy refuses it: no money held
+    broke, _ = key_id(proxy, "broke", daily_usd=0)
+    over_budget = generate(proxy, broke)  # refused by the hold step: none taken
     edited = edit(proxy, solo)
-    statuses = [r.status_code for r in (ok, released, uncertain, refused, edited)]
-    assert statuses == [200, 502, 504, 400, 200]
+    statuses = [r.status_code for r in (ok, released, uncertain, refused, over_budget, edited)]
+    assert statuses == [200, 502, 504, 400, 429, 200]
 
     calls = [ok, released, uncertain, edited]
     data = logged(proxy, len(calls))
@@ -404,3 +408,29 @@ def test_a_failing_log_never_fails_a_call(
     assert [r["request_id"] for r in logged(proxy, 1)] == [after.headers["x-request-id"]]
     assert metric(proxy, "apiyi_proxy_request_log_dropped_total") == 5
     direct.close()
+
+
+def test_a_call_that_ends_during_shutdown_is_logged(
+    upstream: ThreadServer,
+    proxy_process: Callable[..., ProxyProcess],
+    redis_server: RedisServer,
+) -> None:
+    """SIGTERM while a call is in flight: the call drains, and its record reaches the
+    store before the process exits."""
+    env = env_for(upstream, APIYI_PROXY_STORE_URL=redis_server.url)
+    proxy = proxy_process({**env, "APIYI_PROXY_UPSTREAM__READ_TIMEOUT": "10"})
+    key, _ = key_id(proxy, "late")
+    answers: list[httpx.Response] = []
+    call = threading.Thread(
+        target=lambda: answers.append(generate(proxy, key, "[fake:latency=1.5] p"))
+    )
+    call.start()
+    time.sleep(0.5)
+    proxy.process.send_signal(signal.SIGTERM)
+    call.join(30)
+    assert proxy.process.wait(30) == 0
+    assert [a.status_code for a in answers] == [200]
+    direct = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    written = [fields["request_id"] for _, fields in direct.xrange("apiyi:requests")]
+    direct.close()
+    assert written == [answers[0].headers["x-request-id"]]
