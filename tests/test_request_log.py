@@ -431,6 +431,7 @@ def test_a_call_that_ends_during_shutdown_is_logged(
     assert proxy.process.wait(30) == 0
     assert [a.status_code for a in answers] == [200]
     direct = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    written = [fields["request_id"] for _, fields in direct.xrange("apiyi:requests")]
+    entries: Any = direct.xrange("apiyi:requests")
+    written = [fields["request_id"] for _, fields in entries]
     direct.close()
     assert written == [answers[0].headers["x-request-id"]]
