@@ -12,7 +12,6 @@ because of the log. On shutdown the queue gets a short last chance to be written
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -36,7 +35,7 @@ class RequestLog:
         self._dropped = metrics.request_log_dropped
         self._queue: deque[RequestRecord] = deque()
         self._ready = asyncio.Event()
-        self._closing = False
+        self._closing_at: float | None = None  # once stopping: no batch starts past it
         self._task: asyncio.Task[None] | None = None
         self._warned = -WARN_EVERY_SECONDS
 
@@ -56,9 +55,10 @@ class RequestLog:
 
     async def _write_forever(self) -> None:
         while True:
+            closing_at = self._closing_at
+            if closing_at is not None and (not self._queue or time.monotonic() >= closing_at):
+                return
             if not self._queue:
-                if self._closing:
-                    return
                 self._ready.clear()
                 await self._ready.wait()
                 continue
@@ -88,17 +88,19 @@ class RequestLog:
                 )
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Write what is queued, for ``grace`` seconds at most; drop the rest."""
+        """Write what is queued, starting batches for ``grace`` seconds at most (the
+        last one ends within the store's time bound); drop the rest."""
         task, self._task = self._task, None
         if task is None:
             return
-        self._closing = True
+        self._closing_at = time.monotonic() + grace
         self._ready.set()
-        done, _ = await asyncio.wait({task}, timeout=grace)
+        done, _ = await asyncio.wait({task}, timeout=grace + self._timeout)
         if not done:
+            # Bounded either way: a client that ignores the cancellation still gives up
+            # at its own socket timeout, the store's time bound.
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task}, timeout=self._timeout)
         if self._queue:
             self._dropped.inc(len(self._queue))
             log.warning("request log: %d records not written at shutdown", len(self._queue))

@@ -23,6 +23,8 @@ import redis
 
 from proxy.config import StoreSettings
 from proxy.fake_upstream import FakeUpstream, create_fake_app, make_png
+from proxy.metrics import Metrics
+from proxy.request_log import QUEUE_MAX, RequestLog
 from proxy.store import BadCursor, MemoryStore, RequestRecord, Store
 from proxy.store.redis import RedisStore
 
@@ -178,6 +180,64 @@ def test_the_log_keeps_about_its_cap(
         assert found == [record(i) for i in reversed(range(300 - len(found), 300))]
 
     asyncio.run(with_store(backend, 50, check))
+
+
+# the writer -------------------------------------------------------------------------------
+def dropped(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value("apiyi_proxy_request_log_dropped_total")
+
+
+def test_a_full_queue_drops_and_counts_and_shutdown_writes_the_rest(
+    redis_server: RedisServer,
+) -> None:
+    async def check() -> None:
+        settings = StoreSettings(url=redis_server.url)
+        store, metrics = RedisStore.from_settings(settings), Metrics()
+        log = RequestLog(store, settings, metrics)
+        await store.open()
+        log.start()
+        # No await between the adds: the writer has not run, the queue fills.
+        for i in range(QUEUE_MAX + 5):
+            log.add(record(i))
+        assert dropped(metrics) == 5
+        await log.stop()  # the queue is written, batch by batch, before the writer ends
+        found, _ = await every_page(store, None, None, 1000)
+        await store.close()
+        assert found == [record(i) for i in reversed(range(QUEUE_MAX))]
+        assert dropped(metrics) == 5
+
+    asyncio.run(check())
+
+
+def test_a_stalled_store_costs_the_log_records_not_the_caller_time(
+    redis_server: RedisServer,
+) -> None:
+    async def check() -> None:
+        settings = StoreSettings(url=redis_server.url, timeout_seconds=0.2)
+        store, metrics = RedisStore.from_settings(settings), Metrics()
+        log = RequestLog(store, settings, metrics)
+        await store.open()
+        log.start()
+        redis_server.pause()
+        try:
+            started = time.perf_counter()
+            for i in range(10):
+                log.add(record(i))
+            assert time.perf_counter() - started < 0.05  # add never waits on the store
+            deadline = time.monotonic() + 5
+            while dropped(metrics) != 10:  # the batch gave up at the store's time bound
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            log.add(record(10))
+            started = time.perf_counter()
+            await log.stop(grace=1.0)
+            assert time.perf_counter() - started < 1.5
+            assert dropped(metrics) == 11
+        finally:
+            redis_server.resume()
+            await store.close()
+
+    asyncio.run(check())
 
 
 # through the proxy ----------------------------------------------------------------------
@@ -401,6 +461,7 @@ def test_a_failing_log_never_fails_a_call(
     assert usage["keys"][0]["today"]["requests"] == 5
     # Reading the broken log is a store failure the route reports, never a 500.
     assert admin_requests(proxy).status_code == 503
+    assert admin_requests(proxy, format="csv").status_code == 503
 
     direct.delete("apiyi:requests")
     after = generate(proxy, key)
