@@ -423,7 +423,10 @@ def test_the_log_holds_about_its_cap_in_the_proxy(
         local = proxy_process(env_for(upstream, **cap))
         for proxy in (shared, local):
             key, _ = key_id(proxy, "busy")
-            ids = [generate(proxy, key).headers["x-request-id"] for _ in range(60)]
+            with httpx.Client(headers={"authorization": f"Bearer {key}"}, timeout=30) as client:
+                url = proxy.url + "/v1/images/generations"
+                body = {"prompt": "p", "response_format": "url"}
+                ids = [client.post(url, json=body).headers["x-request-id"] for _ in range(60)]
             time.sleep(0.5)  # the writer's last batch
             data = logged(proxy, 20)
             assert 20 <= len(data) <= 30
