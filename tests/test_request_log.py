@@ -14,7 +14,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -94,7 +94,9 @@ async def every_page(
             return found, pages
 
 
-async def with_store(make: Callable[[int], Store], cap: int, check: Any) -> None:
+async def with_store(
+    make: Callable[[int], Store], cap: int, check: Callable[[Store], Awaitable[None]]
+) -> None:
     store = make(cap)
     try:
         await store.open()
