@@ -1,15 +1,20 @@
 """``/admin/...`` (admin token only) and ``GET /v1/usage`` (the calling key).
 
 Keys are created with their secret shown once; listing shows ``sk-…abcd`` only.
+``GET /admin/requests`` reads the per-request log a page at a time, or, as CSV, the
+whole filtered log, streamed page by page.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from . import usage
@@ -21,7 +26,11 @@ from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
 from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes, team_name
-from .store import KeyRecord, Limits, Team
+from .store import BadCursor, KeyRecord, Limits, RequestRecord, Team
+from .store.requests import CSV_FIELDS
+
+REQUESTS_PAGE = 100  # records a page of GET /admin/requests holds unless ``limit`` says
+REQUESTS_PAGE_MAX = 1000
 
 
 def json_response(value: Any, status: int = 200) -> Response:
@@ -69,6 +78,7 @@ class Admin:
             Route("/admin/teams", self._guard(self.put_team), methods=["POST"]),
             Route("/admin/teams/{team}", self._guard(self.put_team), methods=["PATCH"]),
             Route("/admin/usage", self._guard(self.usage), methods=["GET"]),
+            Route("/admin/requests", self._guard(self.requests), methods=["GET"]),
             Route("/v1/usage", self.own_usage, methods=["GET"]),
             Route("/usage", self.own_usage, methods=["GET"]),
         ]
@@ -197,6 +207,53 @@ class Admin:
             return csv_response(usage.as_csv(result["rows"], query.by), f"usage-by-{query.by}")
         return json_response(result)
 
+    # the per-request log -------------------------------------------------------------
+    async def requests(self, request: Request) -> Response:
+        query = request.query_params
+        key, team = query.get("key") or None, query.get("team") or None
+        cursor = query.get("cursor") or None
+        limit = _page_size(query.get("limit"))
+        form = query.get("format", "json")
+        if form not in ("json", "csv"):
+            raise InvalidRequest("'format' must be json or csv.", param="format")
+        records, after = await self._requests_page(key, team, limit, cursor)
+        if form == "json":
+            return json_response({"data": [r.public() for r in records], "next_cursor": after})
+        return StreamingResponse(
+            self._requests_csv(key, team, records, after),
+            media_type="text/csv; charset=utf-8",
+            headers={"content-disposition": 'attachment; filename="requests.csv"'},
+        )
+
+    async def _requests_page(
+        self, key: str | None, team: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RequestRecord], str | None]:
+        try:
+            return await self.ledger.call(
+                "admin", lambda: self.store.requests(key, team, limit, cursor)
+            )
+        except BadCursor:
+            raise InvalidRequest(
+                "'cursor' must be a next_cursor this route handed out.", param="cursor"
+            ) from None
+
+    async def _requests_csv(
+        self,
+        key: str | None,
+        team: str | None,
+        records: list[RequestRecord],
+        after: str | None,
+    ) -> AsyncIterator[str]:
+        """Every matching record from the first page on, to the oldest the log holds:
+        the export is bounded by the log's own cap, one store call a page."""
+        yield _csv_text([CSV_FIELDS])
+        while True:
+            if records:
+                yield _csv_text(r.csv_row() for r in records)
+            if after is None:
+                return
+            records, after = await self._requests_page(key, team, REQUESTS_PAGE_MAX, after)
+
     async def own_usage(self, request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/usage"
         try:
@@ -226,6 +283,24 @@ class Admin:
             return json_response(result)
         except ProxyError as error:
             return error_response(error)
+
+
+def _page_size(value: str | None) -> int:
+    if value is None:
+        return REQUESTS_PAGE
+    if not (value.isascii() and value.isdigit() and len(value) <= 4) or not (
+        1 <= int(value) <= REQUESTS_PAGE_MAX
+    ):
+        raise InvalidRequest(
+            f"'limit' must be a whole number from 1 to {REQUESTS_PAGE_MAX}.", param="limit"
+        )
+    return int(value)
+
+
+def _csv_text(rows: Any) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
 
 
 def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:

@@ -28,6 +28,7 @@ from .ledger import Ledger
 from .logs import AccessLog
 from .metrics import Metrics
 from .policy import RequestPolicy
+from .request_log import RequestLog
 from .results import open_results
 from .store import Store, StoreError, open_store
 from .upstream import UpstreamClient, open_upstream
@@ -79,6 +80,7 @@ def create_app(
         "/images/edits": edits,
     }
     access_log = AccessLog(settings.log)
+    request_log = RequestLog(store, settings.store, metrics)
 
     async def models(request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/models"
@@ -149,6 +151,7 @@ def create_app(
             await ledger.seed_teams()
         ledger.start()
         alerts.start()
+        request_log.start()
         if invalidations is not None:
             invalidations.start(auth, metrics.key_change_subscription_losses.inc)
         if on_ready is not None:
@@ -158,6 +161,7 @@ def create_app(
         finally:
             await ledger.stop()
             await alerts.stop()
+            await request_log.stop()
             if invalidations is not None:
                 await invalidations.stop()
             await upstream.close()
@@ -174,7 +178,7 @@ def create_app(
     # A path with a trailing slash is answered as the route itself (ImageRoutes): the
     # router's redirect would build its Location from the client's Host header.
     app.router.redirect_slashes = False
-    proxy = ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, access_log)
+    proxy = ExchangeMiddleware(ImageRoutes(app, image_routes), metrics, access_log, request_log)
     if settings.server.fake_upstream:
         from .fake_upstream import FakeUpstream, create_fake_app
 

@@ -114,6 +114,12 @@ class PolicySettings:
     max_edit_images: int = 16
 
 
+# Default sizes of the per-request log: a record takes about 150 bytes in Redis and
+# about 350 in this process's memory.
+REQUEST_LOG_MAX_SHARED = 1_000_000
+REQUEST_LOG_MAX_MEMORY = 100_000
+
+
 @dataclass(frozen=True)
 class StoreSettings:
     url: str = "memory://"
@@ -128,11 +134,20 @@ class StoreSettings:
     results_url: str | None = None
     results_max_bytes: int = 32 * 1024 * 1024
     results_total_bytes: int = 512 * 1024 * 1024
+    # Records kept by the per-request log (GET /admin/requests); 0 turns it off.
+    # Unset: 1,000,000 in a Redis store, 100,000 in memory://.
+    request_log_max: int | None = None
 
     @property
     def shared(self) -> bool:
         """The ledger lives in Redis, shared by every replica and worker."""
         return not self.url.startswith("memory")
+
+    @property
+    def request_log_cap(self) -> int:
+        if self.request_log_max is not None:
+            return self.request_log_max
+        return REQUEST_LOG_MAX_SHARED if self.shared else REQUEST_LOG_MAX_MEMORY
 
     @property
     def replay_url(self) -> str:
@@ -597,6 +612,7 @@ def _validate(s: Settings) -> None:
     need(s.ledger.lease_seconds >= 1, "ledger.lease_seconds", "must be >= 1")
     need(s.store.results_max_bytes >= 0, "store.results_max_bytes", "must be >= 0")
     need(s.store.results_total_bytes >= 0, "store.results_total_bytes", "must be >= 0")
+    need(s.store.request_log_cap >= 0, "store.request_log_max", "must be >= 0 (0: no log)")
     need(1 <= s.server.port <= 65535, "server.port", "must be 1..65535")
     need(s.server.workers >= 1, "server.workers", "must be >= 1")
     need(

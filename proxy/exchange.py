@@ -24,6 +24,8 @@ from .errors import ProxyError
 from .http import send_bytes
 from .logs import AccessLog
 from .metrics import Metrics, status_class
+from .request_log import RequestLog
+from .store import RequestRecord
 
 log = logging.getLogger("apiyi_proxy.access")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -88,6 +90,22 @@ class Exchange:
         record.update({k: v for k, v in optional.items() if v is not None})
         return record
 
+    def request_record(self) -> RequestRecord | None:
+        """The call as the per-request log keeps it; None unless it held money."""
+        if self.hold_outcome is None or self.key_id is None:
+            return None
+        return RequestRecord(
+            time=time.time(),
+            request_id=self.request_id,
+            key_id=self.key_id,
+            team=self.team,
+            model=self.model,
+            size=self.size,
+            images=self.images_billed,
+            cost_micros=self.cost_micros,
+            outcome=self.hold_outcome,
+        )
+
 
 def exchange_of(scope: Scope) -> Exchange:
     exchange: Exchange = scope["state"]["exchange"]
@@ -95,10 +113,17 @@ def exchange_of(scope: Scope) -> Exchange:
 
 
 class ExchangeMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics, access_log: AccessLog) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        access_log: AccessLog,
+        request_log: RequestLog | None = None,
+    ) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log = access_log
+        self.request_log = request_log
         self._ids = random.Random()  # request ids need to be unique, not unpredictable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -145,6 +170,10 @@ class ExchangeMiddleware:
             )
         if self.access_log.enabled:
             self.access_log.write(ex.access_record(total))
+        if self.request_log is not None and self.request_log.enabled:
+            record = ex.request_record()
+            if record is not None:
+                self.request_log.add(record)
 
 
 def _client_request_id(scope: Scope) -> str | None:

@@ -363,6 +363,12 @@ class Metrics:
             "until it is back, key records are cached for a second at most.",
             registry=r,
         )
+        self.request_log_dropped = Counter(
+            f"{p}_request_log_dropped",
+            "Records of the per-request log not written: its queue was full or the store "
+            "failed. The calls themselves were served and booked.",
+            registry=r,
+        )
         self.idempotent_replays = Labelled(
             Counter(
                 f"{p}_idempotent_replays",
@@ -508,4 +514,5 @@ EXPORTED_NAMES: Final = (
     "apiyi_proxy_settles_without_hold_total",
     "apiyi_proxy_key_change_subscription_losses_total",
     "apiyi_proxy_budget_alerts_total",
+    "apiyi_proxy_request_log_dropped_total",
 )

@@ -24,8 +24,10 @@ from .base import (
     hold_group,
 )
 from .memory import MemoryStore
+from .requests import BadCursor, RequestRecord
 
 __all__ = [
+    "BadCursor",
     "ClaimRequest",
     "Crossing",
     "HoldRequest",
@@ -36,6 +38,7 @@ __all__ = [
     "MemoryStore",
     "Periods",
     "Refusal",
+    "RequestRecord",
     "Reservation",
     "Settlement",
     "Spend",
@@ -52,7 +55,7 @@ __all__ = [
 def open_store(settings: StoreSettings) -> Store:
     scheme = settings.url.partition("://")[0]
     if scheme == "memory":
-        return MemoryStore()
+        return MemoryStore(request_log_max=settings.request_log_cap)
     from .redis import RedisStore  # the redis client loads only when a Redis store is used
 
     return RedisStore.from_settings(settings)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ..limits import Limits
+from .requests import RequestRecord
 
 if TYPE_CHECKING:
     from .invalidation import Invalidations
@@ -424,6 +425,20 @@ class Store(abc.ABC):
         """Forget ``owner``'s in-flight claim, whose call was never billed. If the claim
         has not arrived (it timed out on the way), mark the owner gone for ``ttl_seconds``
         so that it claims nothing when it does."""
+
+    # the per-request log ---------------------------------------------------------
+    @abc.abstractmethod
+    async def append_requests(self, records: Sequence[RequestRecord]) -> None:
+        """Add calls to the per-request log, which keeps about its cap, newest."""
+
+    @abc.abstractmethod
+    async def requests(
+        self, key: str | None, team: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RequestRecord], str | None]:
+        """Up to ``limit`` records of key ``key`` and team ``team`` (None: any), newest
+        first, older than ``cursor``, and the cursor of the next page: None once the log
+        holds nothing older. A page may be short (see ``requests.Pager``). Raises
+        ``BadCursor`` for a cursor it did not hand out."""
 
     def invalidations(self) -> Invalidations | None:
         """A subscription to the changes any process makes to key records, for this

@@ -7,12 +7,14 @@ backend's scripts; the same contract tests run against both.
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from ..config import REQUEST_LOG_MAX_MEMORY
 from ..limits import Limits
 from .base import (
     CLAIM_LEASES,
@@ -34,6 +36,7 @@ from .base import (
     Team,
     reached,
 )
+from .requests import BadCursor, Pager, RequestRecord
 
 # Resolved and released hold ids are remembered this long (at most this many), so a
 # settle sent twice books once and a reserve arriving after its release takes nothing.
@@ -71,7 +74,9 @@ class _Hold:
 class MemoryStore(Store):
     in_process = True
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.time, request_log_max: int = REQUEST_LOG_MAX_MEMORY
+    ) -> None:
         self._clock = clock
         self._keys: dict[str, KeyRecord] = {}
         self._by_hash: dict[str, str] = {}
@@ -87,6 +92,9 @@ class MemoryStore(Store):
         # Thresholds reported, per (scope, name, period), for the current periods.
         self._alerted: defaultdict[tuple[str, str, str], set[str]] = defaultdict(set)
         self._alert_periods = Periods("", "")
+        # The per-request log, oldest first, each record with its number (its cursor).
+        self._requests: deque[tuple[int, RequestRecord]] = deque(maxlen=request_log_max)
+        self._request_numbers = itertools.count(1)
 
     # keys --------------------------------------------------------------------
     async def add_key(self, record: KeyRecord) -> None:
@@ -421,6 +429,27 @@ class MemoryStore(Store):
         for key in [k for k, until in self._idem_gone.items() if until <= now]:
             del self._idem_gone[key]
         self._idem_gone[(scope, owner)] = now + ttl_seconds
+
+    # the per-request log ---------------------------------------------------------
+    async def append_requests(self, records: Sequence[RequestRecord]) -> None:
+        for record in records:
+            self._requests.append((next(self._request_numbers), record))
+
+    async def requests(
+        self, key: str | None, team: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RequestRecord], str | None]:
+        log = self._requests
+        skip = 0  # the newest records, not older than the cursor
+        if cursor is not None:
+            if not (cursor.isascii() and cursor.isdigit() and len(cursor) <= 20):
+                raise BadCursor(cursor)
+            if log:
+                skip = min(len(log), max(0, log[-1][0] - int(cursor) + 1))
+        pager = Pager(key, team, limit)
+        for number, record in itertools.islice(reversed(log), skip, None):
+            if not pager.take(str(number), record):
+                break
+        return pager.page()
 
     async def ping(self) -> None:
         return None

@@ -21,6 +21,7 @@ script can touch a key, its team and their money in one cluster slot.
     apiyi:changed                   channel hashes of changed key records (for caches)
     apiyi:activegroups              zset   groups with open holds, by when last noted
                                            (the expiry sweep visits only these)
+    apiyi:requests                  stream the per-request log (``redis_requests.py``)
     apiyi:{res}:...                        replay bodies, capped (``proxy/results.py``)
 
 A limit is stored in micro-dollars (or as a count); a limit left out is no limit, and
@@ -44,7 +45,7 @@ from typing import Any
 import orjson
 from redis.exceptions import RedisError
 
-from ..config import StoreSettings
+from ..config import REQUEST_LOG_MAX_SHARED, StoreSettings
 from ..limits import Limits
 from ..redis_url import RedisTarget
 from .base import (
@@ -70,6 +71,8 @@ from .invalidation import Invalidations, channel
 from .redis_active import ActiveGroups
 from .redis_client import close_client, connect, connect_node, load_script, translated
 from .redis_records import key_fields, key_record, script_fields, team_fields, team_record
+from .redis_requests import RequestStream
+from .requests import RequestRecord
 from .resp import MultiplexedConnection
 
 EXPIRE_BATCH = 200
@@ -85,6 +88,7 @@ class RedisStore(Store):
         max_connections: int = 64,
         scripts: MultiplexedConnection | None = None,
         subscriber: Callable[[], Any] | None = None,
+        request_log_max: int = REQUEST_LOG_MAX_SHARED,
     ) -> None:
         self.r = client
         self.p = prefix
@@ -108,20 +112,30 @@ class RedisStore(Store):
         self._history = client.register_script(load_script("history"))
         self._groups: dict[str, str] = {}
         self._active = ActiveGroups(client, prefix)
+        self._requests = RequestStream(client, prefix, request_log_max)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
         scheme = settings.url.partition("://")[0]
         # Key changes are heard on a connection of their own, however the store is reached.
         subscriber = functools.partial(connect, settings.url, settings, decode=False)
+        log_max = settings.request_log_cap
         if scheme not in ("redis", "rediss"):
             client = connect(settings.url, settings)
-            return cls(client, settings.key_prefix, settings.max_connections, subscriber=subscriber)
+            return cls(
+                client,
+                settings.key_prefix,
+                settings.max_connections,
+                subscriber=subscriber,
+                request_log_max=log_max,
+            )
         # One reading of the URL for both connections: same server, database and TLS.
         target = RedisTarget.from_url(settings.url)
         scripts = MultiplexedConnection(target, settings.timeout_seconds)
         client = connect_node(target, settings)
-        return cls(client, settings.key_prefix, settings.max_connections, scripts, subscriber)
+        return cls(
+            client, settings.key_prefix, settings.max_connections, scripts, subscriber, log_max
+        )
 
     def invalidations(self) -> Invalidations | None:
         if self._subscriber is None:
@@ -492,6 +506,17 @@ class RedisStore(Store):
             [key, f"{key}:gone:{owner}"],
             [owner, max(1, int(ttl_seconds * 1000))],
         )
+
+    # the per-request log ---------------------------------------------------------
+    @translated
+    async def append_requests(self, records: Sequence[RequestRecord]) -> None:
+        await self._requests.append(records)
+
+    @translated
+    async def requests(
+        self, key: str | None, team: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RequestRecord], str | None]:
+        return await self._requests.page(key, team, limit, cursor)
 
     # life --------------------------------------------------------------------
     @translated
