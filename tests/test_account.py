@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -29,6 +30,7 @@ from .conftest import (
     free_port,
     generate_at,
 )
+from .test_prometheus_scrape import ALERTS, Prometheus
 
 PEPPER = "pepper-for-the-account-test-0123456789"
 POLL = 0.2
@@ -150,8 +152,10 @@ def settled_and_polled(proxy: ProxyProcess, usage_usd: float) -> dict[str, list[
     polls, so that the drift read is that of a poll after every settle."""
     wait_for(
         proxy,
-        lambda v: v["apiyi_proxy_holds_outstanding"] == [0.0]
-        and v[USAGE] == [pytest.approx(usage_usd, abs=1e-9)],
+        lambda v: (
+            v["apiyi_proxy_holds_outstanding"] == [0.0]
+            and v[USAGE] == [pytest.approx(usage_usd, abs=1e-9)]
+        ),
     )
     time.sleep(3 * POLL)
     return scrape(proxy)[1]
@@ -311,7 +315,7 @@ def test_failing_polls_are_counted_logged_once_and_never_show_the_key(
     fake.post("/_fake/config", {"echo_secrets": True})
     wrong = "sk-" + "NotTheAccountsKeyButSecretToo" + "0123456789"
     proxy = proxy_process({**proxy_env(fake, redis_server), "APIYI_API_KEY": wrong})
-    wait_for(proxy, lambda v: v[FAILURES] and v[FAILURES][0] >= 5)  # polling goes on
+    wait_for(proxy, lambda v: sum(v[FAILURES]) >= 5)  # polling goes on
 
     [line] = account_lines(proxy)
     assert line["level"] == "warning"
@@ -358,3 +362,54 @@ def test_poll_interval_is_validated_naming_the_field(tmp_path: Any) -> None:
 
 def _json(proxy: ProxyProcess) -> list[str]:
     return [line for line in proxy.output().splitlines() if line.startswith("{")]
+
+
+# the alert rules, against a real Prometheus ----------------------------------------------
+
+
+def test_a_real_scrape_makes_the_balance_and_drift_alert_expressions_positive(
+    proxy_process: Callable[..., ProxyProcess], tmp_path: Path
+) -> None:
+    """``serve --fake-upstream`` bills at the proxy's own prices (here $0.10 an image):
+    its calls drift nothing, twenty images billed behind the proxy's back drift $2.00,
+    and the balance falls fast enough to run out within a day."""
+    config = tmp_path / "proxy.yaml"
+    models = [{"name": "gpt-image-2-vip", "price_usd": 0.1}, {"name": "gpt-image-2-all"}]
+    config.write_text(yaml.safe_dump({"policy": {"models": models}}))
+    env = {
+        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "APIYI_PROXY_UPSTREAM__ACCOUNT_POLL_SECONDS": str(POLL),
+    }
+    proxy = proxy_process(env, ["--fake-upstream", "--config", str(config)])
+    key = proxy.new_key("scraped")
+    assert [post(proxy, key) for _ in range(3)] == [200, 200, 200]
+    settled_and_polled(proxy, 0.3)
+    assert scrape(proxy)[1][DRIFT] == [0.0]
+
+    rules = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+    }
+    balance_rule = rules["ApiyiProxyUpstreamBalanceRunsOutWithinADay"]
+    drift_rule = rules["ApiyiProxyUpstreamBillingDrift"]
+    prometheus = Prometheus([f"127.0.0.1:{proxy.port}"])
+    try:
+        seen = f"count_over_time({BALANCE}[1m]) >= 3"
+        prometheus.wait(lambda: prometheus.query(seen), 20)
+        assert prometheus.query(balance_rule["expr"]) == []
+        assert prometheus.query(drift_rule["expr"]) == []
+
+        bill = httpx.post(proxy.url + "/_fake_upstream/_fake/bill", json={"images": 20})
+        assert bill.status_code == 200, bill.text
+        drifted = f"{DRIFT} > 1.99"
+        prometheus.wait(lambda: prometheus.query(drifted), 20)
+        for rule in (balance_rule, drift_rule):
+            [result] = prometheus.query(rule["expr"])
+            assert result["metric"]["instance"] == f"127.0.0.1:{proxy.port}"
+        [drift] = prometheus.query(drift_rule["expr"])
+        assert float(drift["value"][1]) == pytest.approx(2.0)
+        [predicted] = prometheus.query(balance_rule["expr"])
+        assert float(predicted["value"][1]) < 0
+    finally:
+        prometheus.stop()
