@@ -41,9 +41,12 @@ log = logging.getLogger("apiyi_proxy.account")
 SUBSCRIPTION = "/dashboard/billing/subscription"
 USAGE = "/dashboard/billing/usage"
 POLL_TIMEOUT_SECONDS = 30.0
-# The first poll waits this long (at most one interval), so that the server listens
-# first: the built-in fake upstream answers on the proxy's own port.
-FIRST_POLL_SECONDS = 1.0
+# Start-up waits this long at most for the first poll, so that the first scrape already
+# shows the account (and its series do not appear in the middle of a run).
+FIRST_POLL_WAIT_SECONDS = 2.0
+# The built-in fake upstream answers on the proxy's own port, which listens only once
+# start-up is over: there the first poll comes this long after (at most one interval).
+FAKE_FIRST_POLL_SECONDS = 1.0
 FAILURE_LOG_SECONDS = 600.0
 MAX_ANSWER_BYTES = 64 * 1024
 
@@ -87,7 +90,8 @@ async def ledger_spent_since(ledger: Ledger, first_day: str) -> int:
 
     Every spend is booked on its key, so the keys' daily tallies add up to all of it.
     The one place the reconciliation reads the ledger: a faster store query can
-    replace this body alone.
+    replace this body alone. Until then each poll reads one tally per key and day of
+    the window, which grows by a day each day the process runs.
     """
     store = ledger.store
     keys = await ledger.call("usage", store.keys)
@@ -119,17 +123,26 @@ class AccountPoller:
         self._ledger = ledger
         self._metrics = metrics
         self._task: asyncio.Task[None] | None = None
+        self._first_delay = (
+            min(self._every, FAKE_FIRST_POLL_SECONDS) if settings.server.fake_upstream else 0.0
+        )
         # The reconciliation window: its first day, and U0 and L0 read then.
         self._first_day: str | None = None
         self._baseline = (0, 0)
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Start polling, and wait for the first poll (a while at most)."""
         if self._every == 0:
             return
         if self._key is None:
             log.info("upstream account not polled: in passthrough mode the proxy holds no key")
             return
-        self._task = asyncio.create_task(self._poll_forever())
+        first = asyncio.Event()
+        self._task = asyncio.create_task(self._poll_forever(first))
+        if not self._first_delay:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(FIRST_POLL_WAIT_SECONDS):
+                    await first.wait()
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -137,8 +150,8 @@ class AccountPoller:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def _poll_forever(self) -> None:
-        await asyncio.sleep(min(self._every, FIRST_POLL_SECONDS))
+    async def _poll_forever(self, first: asyncio.Event) -> None:
+        await asyncio.sleep(self._first_delay)
         logged = -math.inf
         failing = False
         while True:
@@ -148,8 +161,10 @@ class AccountPoller:
                 log.info(
                     "upstream account not polled: the upstream does not serve %s (404)", unserved
                 )
+                first.set()
                 return
-            except PollFailed as failure:
+            except Exception as error:  # a poll must never end the polling
+                failure = error if isinstance(error, PollFailed) else type(error).__name__
                 self._metrics.account_poll_failures.inc()
                 failing = True
                 if time.monotonic() - logged >= FAILURE_LOG_SECONDS:
@@ -164,6 +179,7 @@ class AccountPoller:
                 if failing:
                     log.info("upstream account read again")
                     failing = False
+            first.set()
             await asyncio.sleep(self._every)
 
     async def poll(self) -> None:

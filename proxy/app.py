@@ -146,7 +146,7 @@ def create_app(
         with contextlib.suppress(StoreUnavailable):
             await ledger.seed_teams()
         ledger.start()
-        account.start()
+        await account.start()
         if invalidations is not None:
             invalidations.start(auth, metrics.key_change_subscription_losses.inc)
         if on_ready is not None:

@@ -21,6 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.account import Account, PollFailed
+
 from .conftest import (
     ADMIN_TOKEN,
     ROOT,
@@ -159,6 +161,22 @@ def settled_and_polled(proxy: ProxyProcess, usage_usd: float) -> dict[str, list[
     )
     time.sleep(3 * POLL)
     return scrape(proxy)[1]
+
+
+# reading the answers -------------------------------------------------------------------
+
+
+def test_an_account_is_read_in_micro_usd_from_both_answers() -> None:
+    account = Account.of({"hard_limit_usd": 100}, {"total_usage": 2500.5})
+    assert (account.quota, account.usage, account.balance) == (100_000_000, 25_005_000, 74_995_000)
+
+
+@pytest.mark.parametrize("value", [None, True, "100", float("nan"), float("inf"), [1]])
+def test_an_answer_without_a_finite_number_is_a_failed_poll(value: Any) -> None:
+    with pytest.raises(PollFailed, match="hard_limit_usd"):
+        Account.of({"hard_limit_usd": value}, {"total_usage": 0})
+    with pytest.raises(PollFailed, match="total_usage"):
+        Account.of({"hard_limit_usd": 1}, {"total_usage": value})
 
 
 # the fake's account --------------------------------------------------------------------
