@@ -118,7 +118,8 @@ class AccountPoller:
     ) -> None:
         self._every = settings.upstream.account_poll_seconds
         # Passthrough mode forwards each client's own key: the proxy has none to read with.
-        self._key = settings.upstream.api_key if settings.auth.mode == "keys" else None
+        self._passthrough = settings.auth.mode == "passthrough"
+        self._key = None if self._passthrough else settings.upstream.api_key
         self._upstream = upstream
         self._ledger = ledger
         self._metrics = metrics
@@ -135,7 +136,8 @@ class AccountPoller:
         if self._every == 0:
             return
         if self._key is None:
-            log.info("upstream account not polled: in passthrough mode the proxy holds no key")
+            why = "in passthrough mode the proxy holds" if self._passthrough else "there is"
+            log.info("upstream account not polled: %s no upstream key", why)
             return
         first = asyncio.Event()
         self._task = asyncio.create_task(self._poll_forever(first))
