@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .account import AccountPoller
 from .admin import Admin, error_response, json_response
 from .auth import Authenticator, bears
 from .config import Settings
@@ -49,6 +50,7 @@ def create_app(
     store = store or open_store(settings.store)
     upstream = upstream or open_upstream(settings.upstream)
     ledger = Ledger(store, settings, metrics)
+    account = AccountPoller(settings, upstream, ledger, metrics)
     hasher = KeyHasher(settings.auth.key_pepper)
     invalidations = store.invalidations()
     auth = Authenticator(settings, ledger, hasher, invalidations)
@@ -147,6 +149,7 @@ def create_app(
             await ledger.seed_teams()
         ledger.start()
         request_log.start()
+        await account.start()
         if invalidations is not None:
             invalidations.start(auth, metrics.key_change_subscription_losses.inc)
         if on_ready is not None:
@@ -154,6 +157,7 @@ def create_app(
         try:
             yield
         finally:
+            await account.stop()
             await ledger.stop()
             await request_log.stop()
             if invalidations is not None:
@@ -176,7 +180,9 @@ def create_app(
     if settings.server.fake_upstream:
         from .fake_upstream import FakeUpstream, create_fake_app
 
-        return BesideTheFake(proxy, create_fake_app(FakeUpstream(api_key=None)))
+        # It bills at the proxy's prices, so that its account agrees with the ledger.
+        prices = {m.name: m.price_usd for m in settings.policy.models}
+        return BesideTheFake(proxy, create_fake_app(FakeUpstream(api_key=None, prices=prices)))
     return proxy
 
 
