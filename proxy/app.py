@@ -15,6 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .account import AccountPoller
 from .admin import Admin, error_response, json_response
 from .alerts import Alerts
 from .auth import Authenticator, bears
@@ -53,6 +54,7 @@ def create_app(
     alerts = Alerts(settings.alerts, ledger, metrics)
     if alerts.enabled:
         ledger.on_spend = alerts.spent
+    account = AccountPoller(settings, upstream, ledger, metrics)
     hasher = KeyHasher(settings.auth.key_pepper)
     invalidations = store.invalidations()
     auth = Authenticator(settings, ledger, hasher, invalidations)
@@ -152,6 +154,7 @@ def create_app(
         ledger.start()
         alerts.start()
         request_log.start()
+        await account.start()
         if invalidations is not None:
             invalidations.start(auth, metrics.key_change_subscription_losses.inc)
         if on_ready is not None:
@@ -159,6 +162,7 @@ def create_app(
         try:
             yield
         finally:
+            await account.stop()
             await ledger.stop()
             await alerts.stop()
             await request_log.stop()
@@ -182,7 +186,9 @@ def create_app(
     if settings.server.fake_upstream:
         from .fake_upstream import FakeUpstream, create_fake_app
 
-        return BesideTheFake(proxy, create_fake_app(FakeUpstream(api_key=None)))
+        # It bills at the proxy's prices, so that its account agrees with the ledger.
+        prices = {m.name: m.price_usd for m in settings.policy.models}
+        return BesideTheFake(proxy, create_fake_app(FakeUpstream(api_key=None, prices=prices)))
     return proxy
 
 

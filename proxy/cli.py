@@ -86,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     fake.add_argument("--fail-rate", type=float, default=0.0, help="share of calls that fail")
     fake.add_argument("--api-key", default=None, help="bearer key to require (default: accept any)")
     fake.add_argument("--image-bytes", type=int, default=0, help="pad images to this size")
+    fake.add_argument(
+        "--balance-usd",
+        type=float,
+        default=100.0,
+        help="the account's quota, as GET /v1/dashboard/billing/subscription shows it",
+    )
+    fake.add_argument(
+        "--no-account",
+        dest="account",
+        action="store_false",
+        help="answer 404 on the account endpoints, as a provider that lacks them does",
+    )
     fake.set_defaults(run=_fake_upstream)
 
     check = commands.add_parser(
@@ -264,6 +276,8 @@ def _fake_upstream(args: argparse.Namespace) -> int:
         fail_rate=args.fail_rate,
         api_key=args.api_key,
         image_bytes=args.image_bytes,
+        balance_usd=args.balance_usd,
+        account=args.account,
     )
     return 0
 

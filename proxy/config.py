@@ -80,6 +80,8 @@ class UpstreamSettings:
     total_timeout_seconds: float = 360.0
     max_connections: int = 10_000
     keepalive_seconds: float = 60.0
+    # How often the account's balance and usage are read (proxy/account.py); 0: never.
+    account_poll_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -596,6 +598,11 @@ def _validate(s: Settings) -> None:
     for name in ("connect_timeout", "read_timeout", "write_timeout", "total_timeout_seconds"):
         need(getattr(s.upstream, name) > 0, f"upstream.{name}", "must be > 0")
     need(s.upstream.max_connections >= 1, "upstream.max_connections", "must be >= 1")
+    need(
+        s.upstream.account_poll_seconds >= 0,
+        "upstream.account_poll_seconds",
+        "must be >= 0 (0 turns polling off)",
+    )
     for where, url in (("store.url", s.store.url), ("store.results_url", s.store.replay_url)):
         scheme = url.partition("://")[0]
         need(

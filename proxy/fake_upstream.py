@@ -17,6 +17,13 @@ byte every S seconds, so no read ever times out), ``[fake:code=N]`` (a 400 with 
 ``code_N``). ``fail_rate`` injects the same faults at random; ``echo_secrets`` puts the
 bearer and address it was reached with into every field of every error. Its size table
 is its own copy, deliberately independent of the proxy's.
+
+It serves the account endpoints of the provider family from its billing log: the
+quota (``balance_usd``) at ``GET /v1/dashboard/billing/subscription`` and what the log
+adds up to at ``GET /v1/dashboard/billing/usage`` (in 0.01 USD, each billed image at
+its model's price). ``POST /_fake/bill`` bills images that no request asked for, as an
+upstream that overcharges would; with ``account`` off both endpoints answer 404, as a
+provider that does not serve them does.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import secrets
 import struct
 import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -51,6 +58,7 @@ _DIRECTIVE = re.compile(r"\[fake:([a-z0-9-]+)(?:=([0-9.]+))?\]")
 _SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
 _COUNT = re.compile(r"[0-9]{1,5}")  # ASCII only: "²".isdigit(), but int("²") raises
 CHUNK = 64 * 1024
+PRICE_USD = 0.03  # per image, both models, unless the fake is given prices
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -117,15 +125,22 @@ class FakeUpstream:
         fail_rate: float = 0.0,
         image_bytes: int = 0,
         seed: int | None = None,
+        balance_usd: float = 100.0,
+        account: bool = True,
+        prices: Mapping[str, float] | None = None,
     ) -> None:
         self.api_key = api_key
         self.latency = latency
         self.fail_rate = fail_rate
         self.image_bytes = image_bytes
         self.echo_secrets = False
+        self.balance_usd = balance_usd  # the account's quota (hard_limit_usd)
+        self.account = account  # False: the account endpoints answer 404
+        self.prices = dict(prices or dict.fromkeys(MODELS, PRICE_USD))
         self.random = random.Random(seed)
         self.requests: list[dict[str, Any]] = []
         self.images_billed = 0
+        self.billed_micros = 0  # what the billed images cost, in micro-USD
         self._b64: dict[int, bytes] = {}
 
     def b64_png(self, size: int) -> bytes:
@@ -135,15 +150,33 @@ class FakeUpstream:
 
     def bill(self, entry: dict[str, Any]) -> None:
         n = entry.get("n")
-        self.images_billed += n if isinstance(n, int) and n > 0 else 1
+        images = n if isinstance(n, int) and n > 0 else 1
+        self.images_billed += images
+        price = self.prices.get(entry.get("model") or "", PRICE_USD)
+        self.billed_micros += images * round(price * 1_000_000)
         entry["billed"] = True
 
     def billing(self) -> dict[str, Any]:
         return {"images_billed": self.images_billed, "requests": self.requests}
 
+    def subscription(self) -> dict[str, Any]:
+        return {
+            "object": "billing_subscription",
+            "has_payment_method": True,
+            "hard_limit_usd": self.balance_usd,
+            "soft_limit_usd": self.balance_usd,
+            "system_hard_limit_usd": self.balance_usd,
+            "access_until": 0,
+        }
+
+    def usage(self) -> dict[str, Any]:
+        # The provider counts usage in 0.01 USD.
+        return {"object": "list", "total_usage": self.billed_micros / 10_000}
+
     def reset(self) -> None:
         self.requests.clear()
         self.images_billed = 0
+        self.billed_micros = 0
 
 
 def _error(
@@ -209,13 +242,47 @@ def create_fake_app(fake: FakeUpstream) -> Starlette:
     async def billing(request: Request) -> Response:
         return Response(orjson.dumps(fake.billing()), media_type="application/json")
 
+    @_echoing(fake)
+    async def subscription(request: Request) -> Response:
+        return _account(fake, request, fake.subscription)
+
+    @_echoing(fake)
+    async def usage(request: Request) -> Response:
+        return _account(fake, request, fake.usage)
+
+    async def bill(request: Request) -> Response:
+        """Bill ``images`` of ``model`` with no request behind them."""
+        values = orjson.loads(await request.body() or b"{}")
+        images = values.get("images", 1)
+        if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+            return _error(400, "images must be a whole number >= 1", "invalid_request")
+        entry: dict[str, Any] = {
+            "route": "unrequested",
+            "model": values.get("model", MODELS[0]),
+            "size": None,
+            "n": images,
+            "response_format": None,
+            "billed": False,
+            "outcome": "ok",
+        }
+        fake.requests.append(entry)
+        fake.bill(entry)
+        return Response(orjson.dumps(fake.billing()), media_type="application/json")
+
     async def reset(request: Request) -> Response:
         fake.reset()
         return Response(b"{}", media_type="application/json")
 
     async def configure(request: Request) -> Response:
         values = orjson.loads(await request.body() or b"{}")
-        for name in ("latency", "fail_rate", "image_bytes", "echo_secrets"):
+        for name in (
+            "latency",
+            "fail_rate",
+            "image_bytes",
+            "echo_secrets",
+            "balance_usd",
+            "account",
+        ):
             if name in values:
                 setattr(fake, name, values[name])
         return Response(b"{}", media_type="application/json")
@@ -225,7 +292,10 @@ def create_fake_app(fake: FakeUpstream) -> Starlette:
             Route("/v1/images/generations", generations, methods=["POST"]),
             Route("/v1/images/edits", edits, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/dashboard/billing/subscription", subscription, methods=["GET"]),
+            Route("/v1/dashboard/billing/usage", usage, methods=["GET"]),
             Route("/_fake/billing", billing, methods=["GET"]),
+            Route("/_fake/bill", bill, methods=["POST"]),
             Route("/_fake/reset", reset, methods=["POST"]),
             Route("/_fake/config", configure, methods=["POST"]),
         ]
@@ -267,6 +337,16 @@ def _auth(fake: FakeUpstream, request: Request) -> Response | None:
         and (fake.api_key is None or secrets.compare_digest(token, fake.api_key))
     )
     return None if ok else _error(401, "Invalid token", "invalid_api_key")
+
+
+def _account(
+    fake: FakeUpstream, request: Request, answer: Callable[[], dict[str, Any]]
+) -> Response:
+    if not fake.account:
+        return _error(404, f"Invalid URL (GET {request.url.path})", "not_found")
+    if (denied := _auth(fake, request)) is not None:
+        return denied
+    return Response(orjson.dumps(answer()), media_type="application/json")
 
 
 async def _generate(
@@ -413,13 +493,20 @@ def run(
     fail_rate: float = 0.0,
     api_key: str | None = None,
     image_bytes: int = 0,
+    balance_usd: float = 100.0,
+    account: bool = True,
 ) -> None:
     import importlib.util
 
     import uvicorn
 
     fake = FakeUpstream(
-        api_key=api_key, latency=latency, fail_rate=fail_rate, image_bytes=image_bytes
+        api_key=api_key,
+        latency=latency,
+        fail_rate=fail_rate,
+        image_bytes=image_bytes,
+        balance_usd=balance_usd,
+        account=account,
     )
     uvicorn.run(
         create_fake_app(fake),

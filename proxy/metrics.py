@@ -35,7 +35,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as prom_multiprocess
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .errors import (
@@ -386,6 +386,14 @@ class Metrics:
                 registry=r,
             )
         )
+        self.account_poll_failures = Counter(
+            f"{p}_upstream_account_poll_failures",
+            "Polls of the upstream account endpoints that failed (timeout, 5xx, a bad "
+            "answer); the account gauges keep the last values read.",
+            registry=r,
+        )
+        self.account = AccountGauges()
+        r.register(self.account)
         # The label sets created at 0 before anything is counted. Budget gauges are not
         # here: a 0 there would read as a spent budget.
         self.presets: tuple[tuple[Labelled[Counter] | Labelled[Gauge] | Labelled[Histogram],
@@ -441,7 +449,9 @@ class Metrics:
     def collector(self) -> CollectorRegistry:
         """What ``/metrics`` shows, aggregated across workers in multiprocess mode."""
         directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        return multiprocess_collector(directory) if directory else _shown(InUsd(self.registry))
+        if directory:
+            return multiprocess_collector(directory, self.account)
+        return _shown(InUsd(self.registry))
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.collector()), CONTENT_TYPE_LATEST
@@ -477,10 +487,46 @@ class InUsd(Collector):
             yield shown
 
 
-def multiprocess_collector(directory: str) -> CollectorRegistry:
-    """Every worker's metrics from ``directory``, money in USD."""
+class AccountGauges(Collector):
+    """The upstream account as last polled (``proxy/account.py``), in micro-USD.
+
+    Each family is declared from the start, but has a sample only once a poll has read
+    it: a balance never read is absent, never a 0 that would read as an empty account.
+    Every process polls for itself and shows what it read (the account is the same for
+    all of them), so these live outside the multiprocess files.
+    """
+
+    FAMILIES: Final = (
+        ("balance", f"{PREFIX}_upstream_balance_usd",
+         "The upstream account's quota minus its usage, in USD."),
+        ("usage", f"{PREFIX}_upstream_usage_usd",
+         "The upstream account's usage as the upstream reports it, in USD."),
+        ("drift", f"{PREFIX}_upstream_drift_usd",
+         "Upstream usage minus the ledger's spend since this process first read the "
+         "account, in USD: positive when the upstream charged more than the ledger booked."),
+    )  # fmt: skip
+
+    def __init__(self) -> None:
+        self.micros: dict[str, int] = {}
+
+    def set(self, **micros: int) -> None:
+        self.micros.update(micros)
+
+    def collect(self) -> Iterator[Metric]:
+        for field, name, documentation in self.FAMILIES:
+            family = GaugeMetricFamily(name, documentation)
+            if field in self.micros:
+                family.add_metric([], self.micros[field] / 1_000_000)
+            yield family
+
+
+def multiprocess_collector(directory: str, *own: Collector) -> CollectorRegistry:
+    """Every worker's metrics from ``directory``, with this process's ``own`` collectors,
+    money in USD."""
     registry = CollectorRegistry()
     prom_multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    for collector in own:
+        registry.register(collector)
     return _shown(InUsd(registry))
 
 
@@ -515,4 +561,8 @@ EXPORTED_NAMES: Final = (
     "apiyi_proxy_key_change_subscription_losses_total",
     "apiyi_proxy_budget_alerts_total",
     "apiyi_proxy_request_log_dropped_total",
+    "apiyi_proxy_upstream_balance_usd",
+    "apiyi_proxy_upstream_usage_usd",
+    "apiyi_proxy_upstream_drift_usd",
+    "apiyi_proxy_upstream_account_poll_failures_total",
 )

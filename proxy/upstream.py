@@ -1,7 +1,8 @@
 """The one pooled HTTP client to the upstream, behind a small interface.
 
 ``open_upstream(settings)`` picks the implementation (``upstream.client``); the rest of
-the proxy sees only ``UpstreamClient.post`` and ``UpstreamResponse``. Client library
+the proxy sees only ``UpstreamClient.post`` (and ``get``, for the account endpoints) and
+``UpstreamResponse``. Client library
 exceptions are translated here, once, into ``TransportError`` whose ``maybe_billed``
 says whether the upstream could have received (and so billed) the request:
 
@@ -83,6 +84,11 @@ class UpstreamClient(abc.ABC):
         self, path: str, headers: Mapping[str, str], body: bytes | AsyncIterator[bytes]
     ) -> UpstreamResponse:
         """Send a request; returns once the status and headers arrived."""
+
+    @abc.abstractmethod
+    async def get(self, path: str, headers: Mapping[str, str]) -> UpstreamResponse:
+        """A GET without a body (nothing billed); returns once the status and headers
+        arrived. Every failure is a ``TransportError`` with ``maybe_billed`` false."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
@@ -170,6 +176,18 @@ class _AiohttpClient(UpstreamClient):
             raise TransportError("upstream connection lost", maybe_billed=sent) from exc
         return _AiohttpResponse(response)
 
+    async def get(self, path: str, headers: Mapping[str, str]) -> UpstreamResponse:
+        import aiohttp
+
+        session = self._session or self._open()
+        try:
+            response = await session.get(self.base_url + path, headers=dict(headers))
+        except TimeoutError as exc:
+            raise TransportError("upstream timed out", maybe_billed=False, timeout=True) from exc
+        except aiohttp.ClientError as exc:
+            raise TransportError("upstream unreachable", maybe_billed=False) from exc
+        return _AiohttpResponse(response)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -238,6 +256,18 @@ class _HttpxClient(UpstreamClient):
         except httpx.TransportError as exc:
             sent = isinstance(data, bytes) or data.done
             raise TransportError("upstream connection lost", maybe_billed=sent) from exc
+        return _HttpxResponse(response)
+
+    async def get(self, path: str, headers: Mapping[str, str]) -> UpstreamResponse:
+        import httpx
+
+        request = self._client.build_request("GET", self.base_url + path, headers=dict(headers))
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            raise TransportError("upstream timed out", maybe_billed=False, timeout=True) from exc
+        except httpx.TransportError as exc:
+            raise TransportError("upstream unreachable", maybe_billed=False) from exc
         return _HttpxResponse(response)
 
     async def close(self) -> None:

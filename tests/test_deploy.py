@@ -192,6 +192,9 @@ def test_dashboard_uses_only_metrics_the_proxy_exports(proxy: Proxy) -> None:
         "apiyi_proxy_store_duration_seconds",
         "apiyi_proxy_images_billed",
         "apiyi_proxy_images_returned",
+        "apiyi_proxy_top_key_spend_usd",
+        "apiyi_proxy_upstream_balance_usd",
+        "apiyi_proxy_upstream_drift_usd",
     ):
         assert needed in covered, f"no dashboard panel on {needed}"
 

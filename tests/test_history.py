@@ -355,3 +355,16 @@ def test_top_keys_gauge_shows_the_ten_biggest_spenders_and_drops_the_rest() -> N
     assert day["k00"] == pytest.approx(0.18) and day["k11"] == pytest.approx(0.36)
     month = {key_id for (key_id, period) in shown if period == "month"}
     assert month == set(day)
+
+
+def test_reconciliation_window_counts_each_day_once_in_days_then_months() -> None:
+    from proxy.account import window_periods
+
+    assert window_periods("2026-10-30", "2026-12-02") == [
+        "2026-10-30",
+        "2026-10-31",
+        "2026-11",
+        "2026-12",
+    ]
+    assert window_periods("2026-12-01", "2026-12-02") == ["2026-12-01", "2026-12-02"]
+    assert window_periods("2025-12-31", "2026-01-01") == ["2025-12-31", "2026-01"]

@@ -60,7 +60,9 @@ def documented_routes() -> set[tuple[str, str]]:
 
 
 def served_routes() -> set[tuple[str, str]]:
-    settings = config.load(path=os.devnull, env={"APIYI_API_KEY": "unused-key"})
+    # No account poll: the default upstream is not reachable from a test.
+    env = {"APIYI_API_KEY": "unused-key", "APIYI_PROXY_UPSTREAM__ACCOUNT_POLL_SECONDS": "0"}
+    settings = config.load(path=os.devnull, env=env)
     app = create_app(settings)
     with TestClient(app):  # the lifespan opens and closes what the app holds
         pass
