@@ -55,6 +55,7 @@ class Exchange:
     hold: str | None = None
     held_micros: int = 0
     hold_outcome: str | None = None  # settled, released or uncertain
+    key_forgotten: bool = False  # a refused passthrough key: its call leaves no record
     replay: str | None = None
 
     def access_record(self, total: float) -> dict[str, Any]:
@@ -92,7 +93,7 @@ class Exchange:
 
     def request_record(self) -> RequestRecord | None:
         """The call as the per-request log keeps it; None unless it held money."""
-        if self.hold_outcome is None or self.key_id is None:
+        if self.hold_outcome is None or self.key_id is None or self.key_forgotten:
             return None
         return RequestRecord(
             time=time.time(),

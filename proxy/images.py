@@ -152,6 +152,7 @@ class ImagesEndpoint:
             ex.error_code = error.code
             if admitted is not None and key_refused(error):
                 await self.s.auth.forget_refused(admitted.caller, ex.hold)
+                ex.key_forgotten = admitted.caller.upstream_key is not None
             reason = rejection(error)  # None for the upstream's answers, counted as calls
             if reason is not None:
                 self.s.metrics.rejections.labels(reason.value).inc()

@@ -84,3 +84,9 @@ def charge(outcomes: Iterable[Outcome], price: int) -> Charge:
         if kind is Resolution.UNCERTAIN:
             uncertain += price
     return Charge(spent, uncertain)
+
+
+def usd_text(micros: int) -> str:
+    """Micro-dollars as exact decimal text for CSV: ``30000`` is ``0.03``, ``0`` is ``0``."""
+    whole, part = divmod(micros, 1_000_000)
+    return f"{whole}.{part:06d}".rstrip("0").rstrip(".")

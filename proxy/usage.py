@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from .errors import InvalidRequest
 from .ledger import Ledger
+from .money import usd_text
 from .store import KeyRecord, Periods, Spend, group_of
 
 By = Literal["key", "team", "model"]
@@ -194,7 +195,7 @@ def _first(cell: tuple[str, Spend]) -> str:
 
 
 def as_csv(rows: Sequence[Mapping[str, Any]], by: str) -> str:
-    """``period,<by>,spent_usd,uncertain_usd,requests``, amounts to the micro-dollar."""
+    """``period,<by>,spent_usd,uncertain_usd,requests``, amounts exact (``0.03``)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["period", by, "spent_usd", "uncertain_usd", "requests"])
@@ -213,8 +214,7 @@ def as_csv(rows: Sequence[Mapping[str, Any]], by: str) -> str:
 
 
 def _usd(amount: float) -> str:
-    micros = round(amount * 1e6)
-    return f"{micros // 1_000_000}.{micros % 1_000_000:06d}"
+    return usd_text(round(amount * 1e6))
 
 
 async def usage_report(

@@ -251,8 +251,8 @@ def test_admin_usage_csv_has_the_fixed_header_and_exact_amounts(shop: dict[str, 
     lines = answer.text.splitlines()
     assert lines[0] == "period,team,spent_usd,uncertain_usd,requests"
     assert lines[1:] == [
-        "2026-10,design,0.030000,0.000000,1",
-        "2026-11,design,0.060000,0.060000,1",
+        "2026-10,design,0.03,0,1",
+        "2026-11,design,0.06,0.06,1",
     ]
 
 
@@ -318,8 +318,8 @@ def test_cli_usage_history_by_team_as_csv(shop: dict[str, Any], where: str) -> N
     rows = list(csv.reader(io.StringIO(done.stdout)))
     assert rows == [
         ["period", "team", "spent_usd", "uncertain_usd", "requests"],
-        ["2026-10", "design", "0.030000", "0.000000", "1"],
-        ["2026-11", "design", "0.060000", "0.060000", "1"],
+        ["2026-10", "design", "0.03", "0", "1"],
+        ["2026-11", "design", "0.06", "0.06", "1"],
     ]
 
 

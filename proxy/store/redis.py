@@ -76,7 +76,7 @@ from .requests import RequestRecord
 from .resp import MultiplexedConnection
 
 EXPIRE_BATCH = 200
-HISTORY_CELLS = 2048  # counters one history call reads, at most
+HISTORY_CELLS = 1024  # counters one history call reads, at most (about 5 ms of Redis)
 HISTORY_PIPELINE = 256  # history calls sent at once
 
 

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..money import usd_text
+
 # A page looks at no more than this many records per record asked for.
 SCAN_FACTOR = 10
 # Records read at a time when a filter leaves the page's need unknown.
@@ -61,8 +63,7 @@ class RequestRecord:
 
     def csv_row(self) -> tuple[str, ...]:
         """The CSV columns of ``CSV_FIELDS``; the cost is exact decimal text."""
-        whole, part = divmod(self.cost_micros, 1_000_000)
-        cost = f"{whole}.{part:06d}".rstrip("0").rstrip(".")
+        cost = usd_text(self.cost_micros)
         return (
             self.iso_time,
             self.request_id,
