@@ -27,7 +27,7 @@ import redis
 
 from . import environment
 from .procs import Proc
-from .services import ADMIN_TOKEN, start_fake, start_proxy, start_redis
+from .services import ADMIN_TOKEN, new_key, start_fake, start_proxy, start_redis
 
 MODELS = ("gpt-image-2-vip", "gpt-image-2-all")
 RUNS = 5
@@ -38,15 +38,7 @@ def make_keys(proxy_url: str, keys: int, teams: int) -> list[tuple[str, str]]:
     made = []
     for i in range(keys):
         team = f"team-{i % teams:03d}"
-        body = json.dumps({"name": f"k{i}", "team": team}).encode()
-        request = urllib.request.Request(
-            proxy_url + "/admin/keys",
-            data=body,
-            method="POST",
-            headers={"authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            made.append((json.load(response)["id"], team))
+        made.append((new_key(proxy_url, {"name": f"k{i}", "team": team})["id"], team))
     return made
 
 

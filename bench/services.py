@@ -15,6 +15,7 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .procs import Proc, children, free_port, http_ok, wait_until
 
@@ -119,15 +120,21 @@ def start_proxy(
 
 def create_key(proxy_url: str) -> str:
     """A client key with budgets (so every request takes and settles a hold), no rpm cap."""
-    body = json.dumps({"name": "bench", "daily_usd": 1e6, "monthly_usd": 1e7}).encode()
+    made = new_key(proxy_url, {"name": "bench", "daily_usd": 1e6, "monthly_usd": 1e7})
+    return str(made["key"])
+
+
+def new_key(proxy_url: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """``POST /admin/keys`` with ``fields``: the created key, its secret included."""
     request = urllib.request.Request(
         proxy_url + "/admin/keys",
-        data=body,
+        data=json.dumps(fields).encode(),
         method="POST",
         headers={"authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:
-        return str(json.load(response)["key"])
+        made: dict[str, Any] = json.load(response)
+        return made
 
 
 NGINX_CONF = """\
