@@ -33,9 +33,9 @@ from .config import Settings
 from .errors import ProxyError
 from .ledger import Ledger
 from .metrics import Metrics
-from .store import group_of
+from .store import keys_by_group
 from .upstream import TransportError, UpstreamClient
-from .usage import REPORT_TIMEOUT_SECONDS
+from .usage import REPORT_TIMEOUT_SECONDS, days, months, next_month
 
 log = logging.getLogger("apiyi_proxy.account")
 
@@ -94,9 +94,7 @@ async def ledger_spent_since(ledger: Ledger, first_day: str) -> int:
     """
     store = ledger.store
     keys = await ledger.call("usage", store.keys, REPORT_TIMEOUT_SECONDS)
-    names: dict[str, list[str]] = {}
-    for k in keys:
-        names.setdefault(group_of(k.id, k.team), []).append(k.id)
+    names = keys_by_group(keys)
     periods = window_periods(first_day, ledger.periods().day)
     spent = await ledger.call(
         "usage", lambda: store.history("key", names, periods), REPORT_TIMEOUT_SECONDS
@@ -108,17 +106,8 @@ def window_periods(first: str, last: str) -> list[str]:
     """The ledger periods covering ``first`` to ``last`` exactly once: the days left of
     the first month, then every later month whole (the current one is whole so far)."""
     start, end = date.fromisoformat(first), date.fromisoformat(last)
-    days = []
-    day = start
-    while day <= end and day.month == start.month and day.year == start.year:
-        days.append(day.isoformat())
-        day += timedelta(days=1)
-    months = []
-    month = (start.replace(day=1) + timedelta(days=32)).replace(day=1)
-    while month <= end:
-        months.append(month.strftime("%Y-%m"))
-        month = (month + timedelta(days=32)).replace(day=1)
-    return days + months
+    after = next_month(start)
+    return days(start, min(end, after - timedelta(days=1))) + months(after, end)
 
 
 class AccountPoller:

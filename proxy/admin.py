@@ -7,8 +7,6 @@ whole filtered log, streamed page by page.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
@@ -39,12 +37,13 @@ def json_response(value: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(value), status, media_type="application/json")
 
 
-def csv_response(text: str, name: str) -> Response:
-    return Response(
-        text,
-        media_type="text/csv; charset=utf-8",
-        headers={"content-disposition": f'attachment; filename="{name}.csv"'},
-    )
+def csv_response(content: str | AsyncIterator[str], name: str) -> Response:
+    """A CSV download: whole, or streamed as ``content`` yields it."""
+    headers = {"content-disposition": f'attachment; filename="{name}.csv"'}
+    media_type = "text/csv; charset=utf-8"
+    if isinstance(content, str):
+        return Response(content, media_type=media_type, headers=headers)
+    return StreamingResponse(content, media_type=media_type, headers=headers)
 
 
 def error_response(error: ProxyError) -> Response:
@@ -213,17 +212,11 @@ class Admin:
         key, team = query.get("key") or None, query.get("team") or None
         cursor = query.get("cursor") or None
         limit = _page_size(query.get("limit"))
-        form = query.get("format", "json")
-        if form not in ("json", "csv"):
-            raise InvalidRequest("'format' must be json or csv.", param="format")
+        as_csv = usage.wants_csv(query)
         records, after = await self._requests_page(key, team, limit, cursor)
-        if form == "json":
-            return json_response({"data": [r.public() for r in records], "next_cursor": after})
-        return StreamingResponse(
-            self._requests_csv(key, team, records, after),
-            media_type="text/csv; charset=utf-8",
-            headers={"content-disposition": 'attachment; filename="requests.csv"'},
-        )
+        if as_csv:
+            return csv_response(self._requests_csv(key, team, records, after), "requests")
+        return json_response({"data": [r.public() for r in records], "next_cursor": after})
 
     async def _requests_page(
         self, key: str | None, team: str | None, limit: int, cursor: str | None
@@ -246,10 +239,10 @@ class Admin:
     ) -> AsyncIterator[str]:
         """Every matching record from the first page on, to the oldest the log holds:
         the export is bounded by the log's own cap, one store call a page."""
-        yield _csv_text([CSV_FIELDS])
+        yield usage.csv_text([CSV_FIELDS])
         while True:
             if records:
-                yield _csv_text(r.csv_row() for r in records)
+                yield usage.csv_text(r.csv_row() for r in records)
             if after is None:
                 return
             records, after = await self._requests_page(key, team, REQUESTS_PAGE_MAX, after)
@@ -295,12 +288,6 @@ def _page_size(value: str | None) -> int:
             f"'limit' must be a whole number from 1 to {REQUESTS_PAGE_MAX}.", param="limit"
         )
     return int(value)
-
-
-def _csv_text(rows: Any) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\n").writerows(rows)
-    return out.getvalue()
 
 
 def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:

@@ -45,6 +45,7 @@ from .store import (
     Team,
     group_of,
     hold_group,
+    keys_by_group,
 )
 
 T = TypeVar("T")
@@ -393,9 +394,7 @@ class Ledger:
         """Set the top-spending keys' gauge from the store (every replica shows the
         same), and drop the keys that left the top."""
         keys = await self.call("key", self.store.keys)
-        names: dict[str, list[str]] = {}
-        for k in keys:
-            names.setdefault(group_of(k.id, k.team), []).append(k.id)
+        names = keys_by_group(keys)
         spent = await self.call(
             "usage", lambda: self.store.history("key", names, [periods.day, periods.month])
         )

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from .errors import InvalidRequest
 from .ledger import Ledger
 from .money import usd_text
-from .store import KeyRecord, Periods, Spend, group_of
+from .store import KeyRecord, Periods, Spend, group_of, keys_by_group
 
 By = Literal["key", "team", "model"]
 BY: tuple[By, ...] = ("key", "team", "model")
@@ -42,13 +42,8 @@ class Query:
     def periods(self) -> list[str]:
         """The counters' period names in the range, oldest first."""
         if self.period == "month":
-            months, month = [], self.start.replace(day=1)
-            while month <= self.end:
-                months.append(month.strftime("%Y-%m"))
-                month = (month + timedelta(days=32)).replace(day=1)
-            return months
-        days = (self.end - self.start).days + 1
-        return [(self.start + timedelta(days=i)).isoformat() for i in range(days)]
+            return months(self.start, self.end)
+        return days(self.start, self.end)
 
     def public(self) -> dict[str, str]:
         return {
@@ -57,6 +52,25 @@ class Query:
             "by": self.by,
             "period": self.period,
         }
+
+
+def next_month(day: date) -> date:
+    """The first day of the month after ``day``'s."""
+    return (day.replace(day=1) + timedelta(days=32)).replace(day=1)
+
+
+def days(first: date, last: date) -> list[str]:
+    """The names of the days from ``first`` to ``last``, oldest first."""
+    return [(first + timedelta(days=i)).isoformat() for i in range((last - first).days + 1)]
+
+
+def months(first: date, last: date) -> list[str]:
+    """The names of the months from ``first``'s to ``last``'s, oldest first."""
+    names, month = [], first.replace(day=1)
+    while month <= last:
+        names.append(month.strftime("%Y-%m"))
+        month = next_month(month)
+    return names
 
 
 def wants_history(params: Mapping[str, str]) -> bool:
@@ -78,9 +92,7 @@ def parse_query(params: Mapping[str, str], today: str, *, by: bool = True) -> Qu
         raise InvalidRequest("'by' is not taken here: this is the calling key's usage.", param="by")
     if grouping not in BY:
         raise InvalidRequest("'by' must be 'key', 'team' or 'model'.", param="by")
-    form = params.get("format", "json")
-    if form not in ("json", "csv"):
-        raise InvalidRequest("'format' must be 'json' or 'csv'.", param="format")
+    as_csv = wants_csv(params)
     end = _day(params["to"], "to", last=True) if "to" in params else now
     start = _day(params["from"], "from", last=False) if "from" in params else end.replace(day=1)
     if start > end:
@@ -89,7 +101,15 @@ def parse_query(params: Mapping[str, str], today: str, *, by: bool = True) -> Qu
         raise InvalidRequest(
             f"The range is longer than the {HISTORY_DAYS} days the ledger keeps.", param="from"
         )
-    return Query(start, end, grouping, period, form == "csv")  # type: ignore[arg-type]
+    return Query(start, end, grouping, period, as_csv)  # type: ignore[arg-type]
+
+
+def wants_csv(params: Mapping[str, str]) -> bool:
+    """``format``: ``json`` (the default) or ``csv``; 400 naming it otherwise."""
+    form = params.get("format", "json")
+    if form not in ("json", "csv"):
+        raise InvalidRequest("'format' must be 'json' or 'csv'.", param="format")
+    return form == "csv"
 
 
 def _day(value: str, param: str, *, last: bool) -> date:
@@ -98,7 +118,7 @@ def _day(value: str, param: str, *, last: bool) -> date:
             first = date.fromisoformat(value + "-01")
             if not last:
                 return first
-            return (first + timedelta(days=32)).replace(day=1) - timedelta(days=1)
+            return next_month(first) - timedelta(days=1)
         if len(value) != 10:
             raise ValueError(value)
         return date.fromisoformat(value)
@@ -125,9 +145,9 @@ async def history(
     if keys is None:
         keys = await ledger.call("usage", store.keys, REPORT_TIMEOUT_SECONDS)
     if query.by == "key":
-        for k in keys:
-            if (not key or k.id == key) and (not team or k.team == team):
-                names.setdefault(group_of(k.id, k.team), []).append(k.id)
+        names = keys_by_group(
+            k for k in keys if (not key or k.id == key) and (not team or k.team == team)
+        )
     elif query.by == "team":
         for name in await _team_names(ledger, keys):
             if not team or name == team:
@@ -163,10 +183,11 @@ async def report(
     narrow it); without history parameters, today's and this month's totals too."""
     key, team = params.get("key"), params.get("team")
     query = parse_query(params, ledger.periods().day)
-    rows = await history(ledger, query, models, key=key, team=team)
+    keys = await ledger.call("usage", ledger.store.keys, REPORT_TIMEOUT_SECONDS)
+    rows = await history(ledger, query, models, key=key, team=team, keys=keys)
     result: dict[str, Any] = {"object": "proxy.usage_history", **query.public()}
     if not wants_history(params):
-        result.update(await usage_report(ledger, key=key, team=team))
+        result.update(await usage_report(ledger, key=key, team=team, keys=keys))
     result["rows"] = rows
     return query, result
 
@@ -196,20 +217,19 @@ def _first(cell: tuple[str, Spend]) -> str:
 
 def as_csv(rows: Sequence[Mapping[str, Any]], by: str) -> str:
     """``period,<by>,spent_usd,uncertain_usd,requests``, amounts exact (``0.03``)."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["period", by, "spent_usd", "uncertain_usd", "requests"])
     column = COLUMN[by]
-    for row in rows:
-        writer.writerow(
-            [
-                row["period"],
-                row[column],
-                _usd(row["spent_usd"]),
-                _usd(row["uncertain_usd"]),
-                row["requests"],
-            ]
-        )
+    lines = (
+        (row["period"], row[column], _usd(row["spent_usd"]), _usd(row["uncertain_usd"]),
+         row["requests"])
+        for row in rows
+    )  # fmt: skip
+    return csv_text([("period", by, "spent_usd", "uncertain_usd", "requests"), *lines])
+
+
+def csv_text(rows: Iterable[Sequence[Any]]) -> str:
+    """``rows`` as CSV lines (``\n`` ends each): both CSV exports write through it."""
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
     return out.getvalue()
 
 
@@ -218,24 +238,26 @@ def _usd(amount: float) -> str:
 
 
 async def usage_report(
-    ledger: Ledger, *, key: str | None = None, team: str | None = None
+    ledger: Ledger,
+    *,
+    key: str | None = None,
+    team: str | None = None,
+    keys: Sequence[KeyRecord] | None = None,
 ) -> dict[str, Any]:
     """Spend per key and per team, today and this month, as ``GET /admin/usage`` and
-    ``apiyi-proxy usage`` show it: the teams of keys and the teams set on their own."""
-    store = ledger.store
+    ``apiyi-proxy usage`` show it: the teams of keys and the teams set on their own;
+    among ``keys`` if given (else the store's)."""
     periods = ledger.periods()
-    keys = await ledger.call("admin", store.keys)
+    if keys is None:
+        keys = await ledger.call("admin", ledger.store.keys)
     rows = [
         {**k.public(), **await tallies(ledger, "key", k.id, periods)}
         for k in keys
         if (not key or k.id == key) and (not team or k.team == team)
     ]
-    teams = sorted(
-        {k.team for k in keys if k.team} | {t.name for t in await ledger.call("admin", store.teams)}
-    )
     team_rows = [
         {"team": t, **await tallies(ledger, "team", t, periods)}
-        for t in teams
+        for t in await _team_names(ledger, keys)
         if not team or t == team
     ]
     return {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}

@@ -22,6 +22,7 @@ from .base import (
     Team,
     group_of,
     hold_group,
+    keys_by_group,
 )
 from .memory import MemoryStore
 from .requests import BadCursor, RequestRecord
@@ -48,6 +49,7 @@ __all__ = [
     "Team",
     "group_of",
     "hold_group",
+    "keys_by_group",
     "open_store",
 ]
 

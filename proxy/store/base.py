@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -270,6 +270,14 @@ def usd(micros: int | None) -> float | None:
 def group_of(key_id: str, team: str | None) -> str:
     """The hash-tag group of a key: its team's, or its own when it has none."""
     return f"t:{team}" if team else f"k:{key_id}"
+
+
+def keys_by_group(keys: Iterable[KeyRecord]) -> dict[str, list[str]]:
+    """Key ids by the group they are kept in, as ``Store.history`` takes names."""
+    names: dict[str, list[str]] = {}
+    for k in keys:
+        names.setdefault(group_of(k.id, k.team), []).append(k.id)
+    return names
 
 
 def hold_group(ref: str) -> str:
