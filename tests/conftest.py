@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # here so that no literal in the source looks like a leaked key.
 UPSTREAM_KEY = "sk-" + "UpstreamSecretKeyForTests" + "0123456789"
 ADMIN_TOKEN = "admin-token-for-tests-0123456789"
+# The key pepper of every proxy process a test starts: replicas of one test share it.
+PEPPER = "pepper-shared-by-replicas-0123456"
 
 
 # secrets in output -------------------------------------------------------------------
@@ -109,6 +111,25 @@ def fake() -> Iterator[tuple[FakeUpstream, ThreadServer]]:
     state = FakeUpstream(api_key=UPSTREAM_KEY)
     with ThreadServer(create_fake_app(state)) as server:
         yield state, server
+
+
+@pytest.fixture
+def upstream() -> Iterator[ThreadServer]:
+    """The project's fake upstream on a real socket, for proxy processes to reach."""
+    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
+        yield server
+
+
+def process_env(upstream_url: str, **extra: str) -> dict[str, str]:
+    """A proxy process's environment: the fake upstream at ``upstream_url`` and its key,
+    the admin token and the shared pepper, then ``extra``."""
+    return {
+        "APIYI_PROXY_UPSTREAM_URL": upstream_url + "/v1",
+        "APIYI_API_KEY": UPSTREAM_KEY,
+        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "APIYI_PROXY_KEY_PEPPER": PEPPER,
+        **extra,
+    }
 
 
 def billing(server: ThreadServer) -> dict[str, Any]:

@@ -31,10 +31,10 @@ from .conftest import (
     RedisServer,
     free_port,
     generate_at,
+    process_env,
 )
 from .test_prometheus_scrape import ALERTS, Prometheus
 
-PEPPER = "pepper-for-the-account-test-0123456789"
 POLL = 0.2
 PRICE = 0.03
 BALANCE = "apiyi_proxy_upstream_balance_usd"
@@ -102,16 +102,12 @@ def fake_upstream() -> Iterator[Callable[..., FakeProcess]]:
 
 
 def proxy_env(fake: FakeProcess, redis: RedisServer, **extra: str) -> dict[str, str]:
-    return {
-        "APIYI_PROXY_UPSTREAM_URL": fake.url + "/v1",
-        "APIYI_API_KEY": UPSTREAM_KEY,
-        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "APIYI_PROXY_KEY_PEPPER": PEPPER,
+    own = {
         "APIYI_PROXY_STORE_URL": redis.url,
         "APIYI_PROXY_UPSTREAM__ACCOUNT_POLL_SECONDS": str(POLL),
         "APIYI_PROXY_LOG__FORMAT": "json",
-        **extra,
     }
+    return process_env(fake.url, **{**own, **extra})
 
 
 def scrape(proxy: ProxyProcess) -> tuple[str, dict[str, list[float]]]:

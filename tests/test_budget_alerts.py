@@ -26,7 +26,6 @@ import redis
 
 from proxy import alerts, config
 from proxy.config import StoreSettings
-from proxy.fake_upstream import FakeUpstream, create_fake_app
 from proxy.keys import KeyHasher, issue_key
 from proxy.store import Crossing, HoldRequest, KeyRecord, Limits, MemoryStore, Periods, Store, Team
 from proxy.store import group_of as group_of_key
@@ -35,11 +34,11 @@ from proxy.store.redis import RedisStore
 from .conftest import (
     ADMIN_TOKEN,
     ROOT,
-    UPSTREAM_KEY,
     ProxyProcess,
     RedisServer,
     ThreadServer,
     free_port,
+    process_env,
 )
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -110,12 +109,6 @@ def receiver() -> Iterator[Receiver]:
     r.close()
 
 
-@pytest.fixture
-def upstream() -> Iterator[ThreadServer]:
-    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
-        yield server
-
-
 def readme_signature_check() -> Callable[[bytes, str, str], bool]:
     """The README's verification snippet, run as a receiver would copy it."""
     text = (ROOT / "README.md").read_text()
@@ -133,16 +126,13 @@ def env_for(
     store_url: str = "memory://",
     **alerts: str,
 ) -> dict[str, str]:
-    env = {
-        "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
-        "APIYI_API_KEY": UPSTREAM_KEY,
-        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "APIYI_PROXY_STORE_URL": store_url,
-        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas-0123456",
-        "APIYI_PROXY_ALERTS__WEBHOOKS": json.dumps(webhooks),
-        "APIYI_PROXY_ALERTS__BACKOFF_SECONDS": "0.05",
-        "ALERT_SECRET": SECRET,
-    }
+    env = process_env(
+        upstream.url,
+        APIYI_PROXY_STORE_URL=store_url,
+        APIYI_PROXY_ALERTS__WEBHOOKS=json.dumps(webhooks),
+        APIYI_PROXY_ALERTS__BACKOFF_SECONDS="0.05",
+        ALERT_SECRET=SECRET,
+    )
     env.update({f"APIYI_PROXY_ALERTS__{name.upper()}": value for name, value in alerts.items()})
     return env
 

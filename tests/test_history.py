@@ -26,7 +26,7 @@ from proxy.store import HoldRequest, MemoryStore, Periods, Store, group_of
 from proxy.store.base import KeyRecord, Spend
 from proxy.store.redis import RedisStore
 
-from .conftest import ADMIN_TOKEN, ROOT, UPSTREAM_KEY, ProxyProcess, RedisServer
+from .conftest import ADMIN_TOKEN, ROOT, ProxyProcess, RedisServer, process_env
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 VIP, ALL = "gpt-image-2-vip", "gpt-image-2-all"
@@ -150,13 +150,7 @@ def shop(
     """A proxy on a real Redis: two keys in team design, one without a team; past
     spend booked in the store, one call of each key made through the proxy today."""
     _, upstream = fake
-    env = {
-        "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
-        "APIYI_API_KEY": UPSTREAM_KEY,
-        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "APIYI_PROXY_STORE_URL": redis_server.url,
-        "APIYI_PROXY_KEY_PEPPER": "pepper-of-the-history-tests-0123456",
-    }
+    env = process_env(upstream.url, APIYI_PROXY_STORE_URL=redis_server.url)
     proxy = proxy_process(env)
     made = {}
     for name, team in (("alice", "design"), ("bob", "design"), ("carol", None)):

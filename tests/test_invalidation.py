@@ -23,26 +23,19 @@ import redis
 from proxy.auth import Authenticator
 from proxy.config import StoreSettings
 from proxy.errors import Unauthorized
-from proxy.fake_upstream import FakeUpstream, create_fake_app
 from proxy.keys import KeyHasher, issue_key
 from proxy.ledger import Ledger
 from proxy.metrics import Metrics
 from proxy.store import KeyRecord, MemoryStore
 from proxy.store.redis import RedisStore
 
-from .conftest import UPSTREAM_KEY, ProxyProcess, RedisServer, ThreadServer, settings_for
+from .conftest import PEPPER, ProxyProcess, RedisServer, ThreadServer, settings_for
 from .test_cli import cli
 from .test_replicas import ADMIN, create_key, replica_env
 from .test_store import Heard, eventually
 
 WITHIN = 1.0
 BODY = {"prompt": "a picture", "response_format": "url"}
-
-
-@pytest.fixture
-def upstream() -> Iterator[ThreadServer]:
-    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
-        yield server
 
 
 @pytest.fixture
@@ -119,7 +112,7 @@ def test_revoked_by_the_cli_is_refused_by_every_replica_within_a_second(
     warm(b, key)
     env = {
         "APIYI_PROXY_STORE_URL": redis_server.url,
-        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas-0123456",
+        "APIYI_PROXY_KEY_PEPPER": PEPPER,
     }
     revoked = cli("keys", "revoke", key_id, env=env)
     assert revoked.returncode == 0, revoked.stderr

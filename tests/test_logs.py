@@ -7,40 +7,36 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import orjson
-import pytest
 
 from proxy.config import LogSettings
-from proxy.fake_upstream import FakeUpstream, create_fake_app
 from proxy.logs import FLUSH_SECONDS, AccessLog
 
-from .conftest import ADMIN_TOKEN, ROOT, UPSTREAM_KEY, ProxyProcess, RedisServer, ThreadServer
+from .conftest import (
+    ADMIN_TOKEN,
+    PEPPER,
+    ROOT,
+    UPSTREAM_KEY,
+    ProxyProcess,
+    RedisServer,
+    ThreadServer,
+    process_env,
+)
 
-PEPPER = "pepper-for-the-log-test-0123456789"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@pytest.fixture
-def upstream() -> Iterator[ThreadServer]:
-    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
-        yield server
-
-
 def env_for(upstream: ThreadServer, **extra: str) -> dict[str, str]:
-    return {
-        "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
-        "APIYI_API_KEY": UPSTREAM_KEY,
-        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "APIYI_PROXY_KEY_PEPPER": PEPPER,
+    logged = {
         "APIYI_PROXY_LOG__LEVEL": "debug",
         "APIYI_PROXY_LOG__FORMAT": "json",
         "APIYI_PROXY_UPSTREAM__READ_TIMEOUT": "1",
-        **extra,
     }
+    return process_env(upstream.url, **{**logged, **extra})
 
 
 def access_lines(proxy: ProxyProcess) -> dict[str, dict[str, Any]]:

@@ -8,7 +8,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,19 +17,11 @@ import orjson
 import pytest
 import redis
 
-from proxy.fake_upstream import FakeUpstream, create_fake_app
-
-from .conftest import UPSTREAM_KEY, ProxyProcess, RedisServer, ThreadServer, billing
+from .conftest import ProxyProcess, RedisServer, ThreadServer, billing
 from .test_forward import wait_for
 from .test_replicas import create_key, replica_env, usage
 
 GENERATIONS = "/v1/images/generations"
-
-
-@pytest.fixture
-def upstream() -> Iterator[ThreadServer]:
-    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
-        yield server
 
 
 def in_background(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:

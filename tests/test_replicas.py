@@ -10,7 +10,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +20,26 @@ import pytest
 import redis
 import yaml
 
-from proxy.fake_upstream import FakeUpstream, create_fake_app
-
 from .conftest import (
     ADMIN_TOKEN,
-    UPSTREAM_KEY,
     ProxyProcess,
     RedisCluster,
     RedisServer,
     ThreadServer,
     billing,
     generate_at,
+    process_env,
 )
 
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@pytest.fixture
-def upstream() -> Iterator[ThreadServer]:
-    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
-        yield server
-
-
 def replica_env(store_url: str, upstream: ThreadServer, **extra: str) -> dict[str, str]:
     # No store.results_url: replay bodies go where they go by default.
-    return {
-        "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
-        "APIYI_API_KEY": UPSTREAM_KEY,
-        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "APIYI_PROXY_STORE_URL": store_url,
-        "APIYI_PROXY_KEY_PEPPER": "pepper-shared-by-replicas-0123456",
-        "APIYI_PROXY_LOG__LEVEL": "warning",
-        **extra,
-    }
+    return process_env(
+        upstream.url,
+        **{"APIYI_PROXY_STORE_URL": store_url, "APIYI_PROXY_LOG__LEVEL": "warning", **extra},
+    )
 
 
 def create_key(proxy: ProxyProcess, **fields: Any) -> tuple[str, str]:

@@ -22,15 +22,20 @@ import pytest
 import redis
 
 from proxy.config import StoreSettings
-from proxy.fake_upstream import FakeUpstream, create_fake_app, make_png
+from proxy.fake_upstream import make_png
 from proxy.metrics import Metrics
 from proxy.request_log import QUEUE_MAX, RequestLog
 from proxy.store import BadCursor, MemoryStore, RequestRecord, Store
 from proxy.store.redis import RedisStore
 
-from .conftest import ADMIN_TOKEN, UPSTREAM_KEY, ProxyProcess, RedisServer, ThreadServer
+from .conftest import (
+    ADMIN_TOKEN,
+    ProxyProcess,
+    RedisServer,
+    ThreadServer,
+    process_env,
+)
 
-PEPPER = "pepper-for-the-request-log-0123456789"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 PRICE = 30_000
 HEADER = "time,request_id,key_id,team,model,size,images,cost_usd,outcome"
@@ -243,21 +248,8 @@ def test_a_stalled_store_costs_the_log_records_not_the_caller_time(
 
 
 # through the proxy ----------------------------------------------------------------------
-@pytest.fixture
-def upstream() -> Iterator[ThreadServer]:
-    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
-        yield server
-
-
 def env_for(upstream: ThreadServer, **extra: str) -> dict[str, str]:
-    return {
-        "APIYI_PROXY_UPSTREAM_URL": upstream.url + "/v1",
-        "APIYI_API_KEY": UPSTREAM_KEY,
-        "APIYI_PROXY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "APIYI_PROXY_KEY_PEPPER": PEPPER,
-        "APIYI_PROXY_UPSTREAM__READ_TIMEOUT": "1",
-        **extra,
-    }
+    return process_env(upstream.url, **{"APIYI_PROXY_UPSTREAM__READ_TIMEOUT": "1", **extra})
 
 
 def generate(proxy: ProxyProcess, key: str, prompt: str = "p", **body: Any) -> httpx.Response:

@@ -22,8 +22,6 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.fake_upstream import FakeUpstream, create_fake_app
-
 from .conftest import (
     ADMIN_TOKEN,
     ROOT,
@@ -109,12 +107,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
     yield start
     for served in started:
         served.stop()
-
-
-@pytest.fixture
-def upstream() -> Iterator[ThreadServer]:
-    with ThreadServer(create_fake_app(FakeUpstream(api_key=UPSTREAM_KEY))) as server:
-        yield server
 
 
 def first_key(served: Served) -> dict[str, str]:
