@@ -106,7 +106,11 @@ class Admin:
         return json_response({"object": "list", "data": [k.public() for k in keys]})
 
     async def create_key(self, request: Request) -> Response:
-        body = parse_json_object(await request.body())
+        secret, record = await self.create(parse_json_object(await request.body()))
+        return json_response({**record.public(), "key": secret}, 201)
+
+    async def create(self, body: dict[str, Any]) -> tuple[str, KeyRecord]:
+        """A new key from the fields of ``POST /admin/keys``: its secret, shown this once."""
         name = body.get("name")
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
             raise InvalidRequest("'name' is required: a non-empty string.", param="name")
@@ -124,7 +128,7 @@ class Admin:
             # can spend, or the key would be bound by no team budget at all.
             await self.ledger.seed_team(team)
         await self.ledger.call("admin", lambda: self.store.add_key(record))
-        return json_response({**record.public(), "key": secret}, 201)
+        return secret, record
 
     async def get_key(self, request: Request) -> Response:
         record = await self._key(request)
@@ -133,6 +137,10 @@ class Admin:
     async def update_key(self, request: Request) -> Response:
         record = await self._key(request)
         body = parse_json_object(await request.body())
+        return json_response((await self.change(record, body)).public())
+
+    async def change(self, record: KeyRecord, body: dict[str, Any]) -> KeyRecord:
+        """``record`` with the changes of ``PATCH /admin/keys/{id}``."""
         _refuse_unknown(body, {"name", "team", "models", "revoked", *KEY_LIMIT_FIELDS})
         changes: dict[str, Any] = {"limits": _limits(body, record.limits)}
         if "name" in body:
@@ -157,20 +165,25 @@ class Admin:
         if updated is None:
             raise NotFound("No such key.")
         self.auth.forget(record.key_hash)
-        return json_response(updated.public())
+        return updated
 
     async def revoke_key(self, request: Request) -> Response:
-        record = await self._key(request)
-        await self.ledger.call("admin", lambda: self.store.update_key(record.id, revoked=True))
-        self.auth.forget(record.key_hash)
+        record = await self.revoke(await self._key(request))
         return json_response({"id": record.id, "object": "proxy.key", "revoked": True})
 
-    async def _key(self, request: Request) -> KeyRecord:
-        key_id = request.path_params["key_id"]
+    async def revoke(self, record: KeyRecord) -> KeyRecord:
+        await self.ledger.call("admin", lambda: self.store.update_key(record.id, revoked=True))
+        self.auth.forget(record.key_hash)
+        return record
+
+    async def key(self, key_id: str) -> KeyRecord:
         record = await self.ledger.call("admin", lambda: self.store.key(key_id))
         if record is None:
             raise NotFound("No such key.")
         return record
+
+    async def _key(self, request: Request) -> KeyRecord:
+        return await self.key(request.path_params["key_id"])
 
     def _models(self, value: object) -> tuple[str, ...]:
         if value is None:
@@ -189,14 +202,19 @@ class Admin:
 
     async def put_team(self, request: Request) -> Response:
         body = parse_json_object(await request.body())
+        team, created = await self.set_team(request.path_params.get("team"), body)
+        return json_response(team.public(), 201 if created else 200)
+
+    async def set_team(self, name: str | None, body: dict[str, Any]) -> tuple[Team, bool]:
+        """The team with the budgets ``body`` sets, and whether it is new."""
         _refuse_unknown(body, {"name", *TEAM_LIMIT_FIELDS})
-        name = _team_name(request.path_params.get("team", body.get("name")), "name")
+        name = _team_name(body.get("name") if name is None else name, "name")
         # A change to a config team the store lost starts from its seed, not from nothing.
         await self.ledger.seed_team(name)
         current = await self.ledger.call("admin", lambda: self.store.team(name))
         team = Team(name, _limits(body, current.limits if current else Limits(), TEAM_LIMIT_FIELDS))
         await self.ledger.call("admin", lambda: self.store.put_team(team))
-        return json_response(team.public(), 200 if current else 201)
+        return team, current is None
 
     # usage ---------------------------------------------------------------------------
     async def usage(self, request: Request) -> Response:
