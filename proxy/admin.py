@@ -231,12 +231,12 @@ class Admin:
         cursor = query.get("cursor") or None
         limit = _page_size(query.get("limit"))
         as_csv = usage.wants_csv(query)
-        records, after = await self._requests_page(key, team, limit, cursor)
+        records, after = await self.requests_page(key, team, limit, cursor)
         if as_csv:
             return csv_response(self._requests_csv(key, team, records, after), "requests")
         return json_response({"data": [r.public() for r in records], "next_cursor": after})
 
-    async def _requests_page(
+    async def requests_page(
         self, key: str | None, team: str | None, limit: int, cursor: str | None
     ) -> tuple[list[RequestRecord], str | None]:
         try:
@@ -263,7 +263,7 @@ class Admin:
                 yield usage.csv_text(r.csv_row() for r in records)
             if after is None:
                 return
-            records, after = await self._requests_page(key, team, REQUESTS_PAGE_MAX, after)
+            records, after = await self.requests_page(key, team, REQUESTS_PAGE_MAX, after)
 
     async def own_usage(self, request: Request) -> Response:
         exchange_of(request.scope).route = "/v1/usage"

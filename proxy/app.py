@@ -20,6 +20,7 @@ from .admin import Admin, error_response, json_response
 from .alerts import Alerts
 from .auth import Authenticator, bears
 from .config import Settings
+from .console import Console
 from .errors import MethodNotAllowed, NotFound, StoreUnavailable, Unauthorized
 from .exchange import ExchangeMiddleware, exchange_of
 from .idempotency import Idempotency
@@ -71,6 +72,7 @@ def create_app(
         idempotency,
     )
     admin = Admin(settings, ledger, auth, hasher)
+    console = Console(settings, admin, ledger, metrics)
     generations = ImagesEndpoint(services, "generations")
     edits = ImagesEndpoint(services, "edits")
     catalog = _model_catalog(settings)
@@ -136,6 +138,7 @@ def create_app(
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         *admin.routes(),
+        *console.routes(),
     ]
     if settings.server.metrics_port is None:
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))

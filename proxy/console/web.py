@@ -1,0 +1,162 @@
+"""The console's plumbing: templates, security headers, forms, and the guard every page
+passes (signed in, same origin, CSRF token on every state-changing form)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import jinja2
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from ..errors import ProxyError
+from ..exchange import exchange_of
+from .chart import dollars
+from .session import COOKIE, Session, Sessions
+
+log = logging.getLogger("apiyi_proxy")
+FORM_BYTES = 16 * 1024  # the largest form the console takes
+HEADERS = {
+    # No inline script, no inline style, nothing from elsewhere.
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+    "cache-control": "no-store",
+}
+
+
+@dataclass
+class Page:
+    """What a handler gets: the request, its session and, for a POST, its form."""
+
+    request: Request
+    session: Session
+    form: Mapping[str, str] = field(default_factory=dict)
+    lists: Mapping[str, list[str]] = field(default_factory=dict)
+
+
+Handler = Callable[[Page], Awaitable[Response]]
+
+
+def templates() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("proxy.console", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["usd"] = lambda micros: "no limit" if micros is None else dollars(micros)
+    return env
+
+
+class Web:
+    """Renders pages and guards the routes."""
+
+    def __init__(self, sessions: Sessions | None) -> None:
+        self.sessions = sessions
+        self.env = templates()
+
+    def render(
+        self, name: str, status: int = 200, *, session: Session | None = None, **context: Any
+    ) -> Response:
+        context = {"error": None, "nav": "", "form": {}, **context}
+        html = self.env.get_template(name).render(session=session, **context)
+        return HTMLResponse(html, status, headers=HEADERS)
+
+    def redirect(self, to: str) -> Response:
+        return RedirectResponse(to, 303, headers=HEADERS)
+
+    def problem(self, status: int, message: str, session: Session | None = None) -> Response:
+        return self.render("problem.html", status, session=session, message=message)
+
+    def session_of(self, request: Request) -> Session | None:
+        if self.sessions is None:
+            return None
+        return self.sessions.check(request.cookies.get(COOKIE))
+
+    def page(self, handler: Handler, *, changes: bool = False) -> Callable[..., Any]:
+        """``handler`` behind the guard: signed in, and for a change (a POST) from
+        this origin with the session's CSRF token."""
+
+        async def endpoint(request: Request) -> Response:
+            exchange_of(request.scope).route = "/console"
+            if self.sessions is None:
+                return self.off()
+            session = self.session_of(request)
+            if session is None:
+                if changes:
+                    return self.problem(401, "Signed out: sign in again, then repeat this.")
+                return self.redirect("/console")
+            page = Page(request, session)
+            if changes:
+                refusal = await self.check_change(page)
+                if refusal is not None:
+                    return refusal
+            try:
+                return await handler(page)
+            except ProxyError as error:
+                return self.problem(error.status, error.message, session)
+
+        return endpoint
+
+    async def check_change(self, page: Page) -> Response | None:
+        """Reads the form into ``page``; a refusal if the change may not be made."""
+        request = page.request
+        if not same_origin(request):
+            return self.problem(403, "Refused: this form was sent from another site.")
+        form = await read_form(request)
+        if form is None:
+            return self.problem(400, "Refused: send the form as the console's page does.")
+        page.lists = form
+        page.form = {name: values[-1] for name, values in form.items()}
+        assert self.sessions is not None
+        if not self.sessions.csrf_ok(page.session, page.form.get("csrf")):
+            return self.problem(
+                403, "Refused: the form's CSRF token is missing or stale. Reload the page.",
+                page.session,
+            )  # fmt: skip
+        return None
+
+    def off(self) -> Response:
+        return self.problem(404, "The console is off: set APIYI_PROXY_ADMIN_TOKEN to turn it on.")
+
+
+def same_origin(request: Request) -> bool:
+    """False for a request a browser says came from another site."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+async def read_form(request: Request) -> dict[str, list[str]] | None:
+    """An urlencoded form of at most ``FORM_BYTES``, or None."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        return None
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FORM_BYTES:
+            return None
+    try:
+        pairs = parse_qsl(
+            body.decode(), keep_blank_values=True, strict_parsing=False, max_num_fields=200
+        )
+    except (UnicodeDecodeError, ValueError):
+        return None
+    form: dict[str, list[str]] = {}
+    for name, value in pairs:
+        form.setdefault(name, []).append(value)
+    return form
