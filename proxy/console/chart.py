@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 WIDTH, HEIGHT = 720, 240
-LEFT, RIGHT, TOP, BOTTOM = 64, 8, 12, 28  # room for the axis labels
+LEFT, RIGHT, TOP, BOTTOM = 84, 8, 12, 34  # room for the axis labels
 
 
 @dataclass(frozen=True)

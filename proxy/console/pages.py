@@ -31,6 +31,7 @@ KEYS_PAGE = 50  # keys a page of the keys list shows
 CALLS_PAGE = 50
 USAGE_ROWS = 500  # rows the usage page shows; the CSV has them all
 CHART_DAYS = 30
+MAX_FORM_NUMBER = 10**15  # past any limit the ledger takes, before a float would round
 READ = usage.REPORT_TIMEOUT_SECONDS
 STATIC = {
     "console.css": "text/css",
@@ -339,8 +340,10 @@ class Console:
         key, team = params.get("key") or None, params.get("team") or None
         cursor = params.get("cursor") or None
         records, after = await self.admin.requests_page(key, team, CALLS_PAGE, cursor)
+        keys = await self.ledger.call("usage", self.store.keys, READ)
         return self.web.render(
             "calls.html",
+            names={k.id: k.name for k in keys},
             session=page.session,
             nav="calls",
             records=records,
@@ -385,6 +388,8 @@ def _limits(form: Mapping[str, str], fields: tuple[str, ...]) -> dict[str, Any]:
             number = None
         if number is None or not number.is_finite():
             raise InvalidRequest(f"'{name}' must be a number, or blank for no limit.", param=name)
+        if abs(number) > MAX_FORM_NUMBER:
+            raise InvalidRequest(f"'{name}' is too large.", param=name)
         values[name] = int(number) if number == number.to_integral_value() else float(number)
     return values
 

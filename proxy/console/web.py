@@ -143,13 +143,13 @@ def same_origin(request: Request) -> bool:
 async def read_form(request: Request) -> dict[str, list[str]] | None:
     """An urlencoded form of at most ``FORM_BYTES``, or None."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind != "application/x-www-form-urlencoded":
-        return None
     body = b""
     async for chunk in request.stream():
         body += chunk
         if len(body) > FORM_BYTES:
             return None
+    if kind != "application/x-www-form-urlencoded" and (kind or body):
+        return None  # an empty POST with no type is an empty form
     try:
         pairs = parse_qsl(
             body.decode(), keep_blank_values=True, strict_parsing=False, max_num_fields=200
