@@ -7,10 +7,13 @@ artefacts), at desktop width and at phone width.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import re
 import shutil
 from collections.abc import Callable, Iterator
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,9 @@ import openai
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from proxy.config import StoreSettings
+from proxy.console.chart import dollars
+from proxy.store import HoldRequest, Periods, group_of, open_store
 from tests.conftest import ADMIN_TOKEN, ROOT, ProxyProcess, RedisServer, ThreadServer, process_env
 
 CHROMIUM = "/usr/bin/chromium"
@@ -73,6 +79,44 @@ def go(page: Page, section: str) -> None:
     page.get_by_role("navigation", name="Console").get_by_role("link", name=section).click()
 
 
+def today() -> date:
+    """Today in the ledger's time zone (UTC unless configured)."""
+    return datetime.now(UTC).date()
+
+
+def book_earlier_days(redis_url: str, key_id: str, team: str) -> dict[str, tuple[int, int]]:
+    """Spend of ``key_id`` on the 20 days before today, written to the store as settled
+    calls would write it: what each day spent and the uncertain part of it."""
+    booked = {}
+    for back in range(1, 21):
+        day = (today() - timedelta(days=back)).isoformat()
+        spent = 30_000 * (1 + (back * 7) % 11)
+        booked[day] = (spent, 30_000 if back % 6 == 0 else 0)
+
+    async def book() -> None:
+        store = open_store(StoreSettings(url=redis_url))
+        await store.open()
+        try:
+            for day, (spent, uncertain) in booked.items():
+                request = HoldRequest(
+                    f"seed{day}@{group_of(key_id, team)}",
+                    key_id,
+                    spent,
+                    Periods(day, day[:7]),
+                    60,
+                    "gpt-image-2-vip",
+                    team,
+                )
+                await store.settle(request.hold_id, spent, uncertain, request=request)
+        finally:
+            await store.close()
+
+    # Playwright's own loop runs in this thread: the store gets one of its own.
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, book()).result()
+    return booked
+
+
 def fits_the_width(page: Page) -> bool:
     overflow: bool = page.evaluate(
         "document.documentElement.scrollWidth <= document.documentElement.clientWidth"
@@ -81,8 +125,9 @@ def fits_the_width(page: Page) -> bool:
 
 
 def test_a_key_made_in_the_console_spends_shows_its_spend_and_once_revoked_gets_401(
-    browser: Browser, console: ProxyProcess
+    browser: Browser, console: ProxyProcess, redis_server: RedisServer
 ) -> None:
+    redis_url = redis_server.url
     with tab(browser, console.url) as page:
         page.goto("/console")
         expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
@@ -120,9 +165,18 @@ def test_a_key_made_in_the_console_spends_shows_its_spend_and_once_revoked_gets_
         image = client.images.generate(model="gpt-image-2-vip", prompt="a lighthouse at dawn")
         assert image.data and image.data[0].b64_json
 
+        key_id = httpx.get(
+            console.url + "/admin/keys", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}
+        ).json()["data"][0]["id"]
+        booked = book_earlier_days(redis_url, key_id, "design")
         page.goto("/console")
-        today = page.get_by_role("region", name=re.compile("Totals"))
-        expect(today).to_contain_text("$0.03")
+        # The chart's table holds each booked day, and today's call.
+        page.get_by_text("The figures as a table").click()
+        for day, (spent, uncertain) in booked.items():
+            cells = page.get_by_role("row", name=re.compile(day)).get_by_role("cell")
+            expect(cells).to_have_text([day, dollars(spent), dollars(uncertain)])
+        totals = page.get_by_role("region", name=re.compile("Totals"))
+        expect(totals).to_contain_text("$0.03")
         team_row = page.get_by_role("row", name=re.compile("design"))
         expect(team_row).to_contain_text("$0.03")
         shot(page, "overview")
@@ -136,12 +190,18 @@ def test_a_key_made_in_the_console_spends_shows_its_spend_and_once_revoked_gets_
         go(page, "Usage")
         page.get_by_label("By").select_option("team")
         page.get_by_role("button", name="Show").click()
-        expect(page.get_by_role("row", name=re.compile("design"))).to_contain_text("$0.03")
+        today_row = page.get_by_role("row", name=re.compile(today().isoformat()[5:]))
+        expect(today_row).to_contain_text("design")
+        expect(today_row).to_contain_text("$0.03")
         with page.expect_download() as download:
             page.get_by_role("link", name="Download CSV").click()
         csv = Path(download.value.path()).read_text()
         assert csv.splitlines()[0] == "period,team,spent_usd,uncertain_usd,requests"
-        assert ",design,0.03,0,1" in csv
+        assert f"{today().isoformat()},design,0.03,0,1" in csv.splitlines()
+        assert (
+            len(csv.splitlines())
+            == 1 + len([d for d in booked if d[:7] == today().isoformat()[:7]]) + 1
+        )
         shot(page, "usage")
 
         go(page, "Teams")
@@ -151,6 +211,8 @@ def test_a_key_made_in_the_console_spends_shows_its_spend_and_once_revoked_gets_
         expect(page.get_by_role("status")).to_contain_text("design")
         expect(page.get_by_role("row", name=re.compile("design"))).to_contain_text("of $25.00")
         shot(page, "teams")
+        page.goto("/console")
+        shot(page, "overview-with-budgets")  # the README's picture
 
         go(page, "Keys")
         page.get_by_role("link", name="Edit poster studio").click()
