@@ -15,8 +15,9 @@ whose admin API ``keys``, ``teams`` and ``usage`` use.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import os
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
+from pydantic import TypeAdapter, ValidationError, with_config
+from pydantic_core import ErrorDetails
 
 from .limits import TEAM_LIMIT_FIELDS, LimitError, Limits, limit_changes, team_name
 from .redis_url import RedisTarget, RedisURLError
@@ -275,6 +278,7 @@ class AlertSettings:
     max_pending: int = 1000  # deliveries queued or under way; past it an alert is dropped
 
 
+@with_config(extra="forbid")  # the sections too: an unknown key is refused, named
 @dataclass(frozen=True)
 class Settings:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
@@ -360,7 +364,7 @@ def load(
         for name, value in values.items():
             if value is not None:
                 raw.setdefault(section, {})[name] = value
-    settings: Settings = _build(Settings, raw, "")
+    settings = _build(raw)
     settings = _webhook_secrets(settings, env)
     _validate(settings)
     return settings
@@ -459,7 +463,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
-    sections = {f.name: f.type for f in dataclasses.fields(Settings)}
+    sections = typing.get_type_hints(Settings)
     for name, value in env.items():
         if name in FIXED_ENV:
             section, key = FIXED_ENV[name]
@@ -474,7 +478,9 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise ConfigError(f"{section}: must be a mapping")
-        raw[section][key] = _parse_env_value(value)
+        # A secret or text field takes the variable as written (a pepper of digits stays text).
+        text = name in SECRET_ENV or typing.get_type_hints(sections[section]).get(key) is str
+        raw[section][key] = value if text else _parse_env_value(value)
 
 
 def _parse_env_value(value: str) -> Any:
@@ -485,67 +491,54 @@ def _parse_env_value(value: str) -> Any:
         return value
 
 
-def _build(cls: type[Any], raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'config'}: must be a mapping")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            raise ConfigError(f"{_join(where, str(key))}: unknown setting")
-    values = {key: _coerce(hints[key], value, _join(where, key)) for key, value in raw.items()}
-    return cls(**values)
+@functools.cache
+def _adapter() -> TypeAdapter[Settings]:
+    return TypeAdapter(Settings)
+
+
+def _build(raw: dict[str, Any]) -> Settings:
+    """Check types as strictly as JSON states them: an integer field takes no ``8080.0``,
+    ``"8080"`` or ``true``, a number field takes integers, a text field only text."""
+    try:
+        data = json.dumps(raw, default=str)
+    except (TypeError, ValueError) as exc:  # keys YAML may give that JSON cannot, cycles
+        raise ConfigError(f"config: {exc}") from None
+    try:
+        return _adapter().validate_json(data, strict=True)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc.errors()[0])) from None
+
+
+_EXPECTED = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dataclass_type": "must be a mapping",
+    "dict_type": "must be a mapping",
+    "tuple_type": "must be a list",
+    "missing": "must be set",
+    "unexpected_keyword_argument": "unknown setting",
+}
+
+
+def _explain(error: ErrorDetails) -> str:
+    """One validation error as ``section.field[i]: why, got value``."""
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    kind, value = error["type"], error["input"]
+    if kind == "literal_error":
+        why = f"must be {error.get('ctx', {}).get('expected')}"  # 'a', 'b' or 'c'
+    else:
+        why = _EXPECTED.get(kind, error["msg"])
+    if kind not in ("missing", "unexpected_keyword_argument") and not isinstance(
+        value, dict | list
+    ):
+        why += f", got {value!r}"
+    return f"{where.lstrip('.') or 'config'}: {why}"
 
 
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
-
-
-def _coerce(tp: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
-    if origin is Literal:
-        if value not in args:
-            choices = ", ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: must be one of {choices}, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)  # type: ignore[arg-type]
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: must be a list")
-        return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict) or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: must be a mapping")
-        vt = args[1] if args else Any
-        return types.MappingProxyType(
-            {str(k): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
-        )
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            raise ConfigError(f"{where}: must be a string, got {value!r}")
-        return str(value)
-    raise ConfigError(f"{where}: unsupported setting type {tp!r}")
 
 
 def check_serving(s: Settings) -> None:
