@@ -79,7 +79,8 @@ def _known_models(value: list[str] | None, info: ValidationInfo) -> list[str] | 
     known: frozenset[str] | None = (info.context or {}).get("models")
     unknown = [m for m in value or () if known is not None and m not in known]
     if unknown:
-        raise refusal(f"Unknown model {unknown[0]!r}.")
+        choices = ", ".join(sorted(known or ()))
+        raise refusal(f"'models': unknown model {unknown[0]!r}; use one of: {choices}.")
     return value
 
 
