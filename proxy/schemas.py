@@ -85,6 +85,8 @@ def _known_models(value: list[str] | None, info: ValidationInfo) -> list[str] | 
 
 
 def _picture_field(value: object) -> object:
+    if value is None:  # asks for nothing, so losing it changes nothing
+        return None
     raise refusal("This field changes the picture the upstream would draw; it is not supported.")
 
 
