@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -23,7 +24,8 @@ from .exchange import exchange_of
 from .http import parse_json_object
 from .keys import KeyHasher, issue_key
 from .ledger import Ledger
-from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, LimitError, limit_changes, team_name
+from .limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS, limit_changes
+from .schemas import KeyChange, KeyCreate, TeamChange, TeamCreate, validated
 from .store import BadCursor, KeyRecord, Limits, RequestRecord, Team
 from .store.requests import CSV_FIELDS
 
@@ -65,6 +67,7 @@ class Admin:
         self.hasher = hasher
         self.models = {m.name for m in settings.policy.models}
         self.default_limits = settings.ledger.default_limits()
+        self._context = {"models": frozenset(self.models)}
 
     def routes(self) -> list[Route]:
         return [
@@ -111,22 +114,18 @@ class Admin:
 
     async def create(self, body: dict[str, Any]) -> tuple[str, KeyRecord]:
         """A new key from the fields of ``POST /admin/keys``: its secret, shown this once."""
-        name = body.get("name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 200:
-            raise InvalidRequest("'name' is required: a non-empty string.", param="name")
-        _refuse_unknown(body, {"name", "team", "models", *KEY_LIMIT_FIELDS})
-        team = _team(body.get("team"))
+        fields = validated(KeyCreate, body, self._context)
         secret, record = issue_key(
             self.hasher,
-            name.strip(),
-            team=team,
-            limits=_limits(body, self.default_limits),
-            models=self._models(body.get("models")),
+            fields.name,
+            team=fields.team,
+            limits=_limits(fields, self.default_limits, KEY_LIMIT_FIELDS),
+            models=tuple(fields.models or ()),
         )
-        if team is not None:
+        if fields.team is not None:
             # A config team the store lost (a flushed Redis) is back before its new key
             # can spend, or the key would be bound by no team budget at all.
-            await self.ledger.seed_team(team)
+            await self.ledger.seed_team(fields.team)
         await self.ledger.call("admin", lambda: self.store.add_key(record))
         return secret, record
 
@@ -141,24 +140,21 @@ class Admin:
 
     async def change(self, record: KeyRecord, body: dict[str, Any]) -> KeyRecord:
         """``record`` with the changes of ``PATCH /admin/keys/{id}``."""
-        _refuse_unknown(body, {"name", "team", "models", "revoked", *KEY_LIMIT_FIELDS})
-        changes: dict[str, Any] = {"limits": _limits(body, record.limits)}
-        if "name" in body:
-            if not isinstance(body["name"], str) or not body["name"].strip():
-                raise InvalidRequest("'name' must be a non-empty string.", param="name")
-            changes["name"] = body["name"].strip()
-        if "team" in body and _team(body["team"]) != record.team:
+        fields = validated(KeyChange, body, self._context)
+        sent = fields.model_fields_set
+        if "team" in sent and fields.team != record.team:
             raise InvalidRequest(
                 "A key's team is fixed at creation (its spend is counted there); "
                 "issue a new key in the other team.",
                 param="team",
             )
-        if "models" in body:
-            changes["models"] = self._models(body["models"])
-        if "revoked" in body:
-            if not isinstance(body["revoked"], bool):
-                raise InvalidRequest("'revoked' must be true or false.", param="revoked")
-            changes["revoked"] = body["revoked"]
+        changes: dict[str, Any] = {"limits": _limits(fields, record.limits, KEY_LIMIT_FIELDS)}
+        if "name" in sent:
+            changes["name"] = fields.name
+        if "models" in sent:
+            changes["models"] = tuple(fields.models or ())
+        if "revoked" in sent:
+            changes["revoked"] = fields.revoked
         updated = await self.ledger.call(
             "admin", lambda: self.store.update_key(record.id, **changes)
         )
@@ -185,16 +181,6 @@ class Admin:
     async def _key(self, request: Request) -> KeyRecord:
         return await self.key(request.path_params["key_id"])
 
-    def _models(self, value: object) -> tuple[str, ...]:
-        if value is None:
-            return ()
-        if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
-            raise InvalidRequest("'models' must be a list of model names.", param="models")
-        unknown = [m for m in value if m not in self.models]
-        if unknown:
-            raise InvalidRequest(f"Unknown model {unknown[0]!r}.", param="models")
-        return tuple(value)
-
     # teams ---------------------------------------------------------------------------
     async def list_teams(self, request: Request) -> Response:
         teams = await self.ledger.call("admin", self.store.teams)
@@ -207,12 +193,21 @@ class Admin:
 
     async def set_team(self, name: str | None, body: dict[str, Any]) -> tuple[Team, bool]:
         """The team with the budgets ``body`` sets, and whether it is new."""
-        _refuse_unknown(body, {"name", *TEAM_LIMIT_FIELDS})
-        name = _team_name(body.get("name") if name is None else name, "name")
+        fields: TeamCreate | TeamChange
+        if name is None:
+            fields = validated(TeamCreate, body)
+            name = fields.name
+        else:
+            fields = validated(TeamChange, {**body, "name": body.get("name", name)})
+            if fields.name != name:
+                raise InvalidRequest(
+                    "A team's name is that of its path; it cannot be changed.", param="name"
+                )
         # A change to a config team the store lost starts from its seed, not from nothing.
         await self.ledger.seed_team(name)
         current = await self.ledger.call("admin", lambda: self.store.team(name))
-        team = Team(name, _limits(body, current.limits if current else Limits(), TEAM_LIMIT_FIELDS))
+        base = current.limits if current else Limits()
+        team = Team(name, _limits(fields, base, TEAM_LIMIT_FIELDS))
         await self.ledger.call("admin", lambda: self.store.put_team(team))
         return team, current is None
 
@@ -308,32 +303,7 @@ def _page_size(value: str | None) -> int:
     return int(value)
 
 
-def _refuse_unknown(body: dict[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise InvalidRequest(f"Unknown field {unknown[0]!r}.", param=unknown[0])
-
-
-def _team(value: object) -> str | None:
-    return None if value is None else _team_name(value, "team")
-
-
-def _team_name(value: object, param: str) -> str:
-    if value is None:
-        raise InvalidRequest(f"'{param}' is required.", param=param)
-    try:
-        return team_name(value)
-    except LimitError as error:
-        raise InvalidRequest(f"'{param}': {error.reason}.", param=param) from None
-
-
-def _limits(
-    body: dict[str, Any], base: Limits, fields: tuple[str, ...] = KEY_LIMIT_FIELDS
-) -> Limits:
-    """``base`` with the limits ``body`` sets; null is no limit and 0 allows nothing."""
-    try:
-        return replace(base, **limit_changes(body, fields))
-    except LimitError as error:
-        raise InvalidRequest(
-            f"'{error.field}' {error.reason}, or null for no limit.", param=error.field
-        ) from None
+def _limits(fields: BaseModel, base: Limits, names: tuple[str, ...]) -> Limits:
+    """``base`` with the limits ``fields`` sets; null is no limit and 0 allows nothing."""
+    sent = {name: getattr(fields, name) for name in names if name in fields.model_fields_set}
+    return replace(base, **limit_changes(sent, names))

@@ -29,6 +29,7 @@ from .keys import KeyHasher
 from .ledger import Ledger
 from .logs import AccessLog
 from .metrics import Metrics
+from .openapi import DOCS_CSP, DOCS_CSS_PATH, docs_page
 from .policy import RequestPolicy
 from .request_log import RequestLog
 from .results import open_results
@@ -128,6 +129,25 @@ def create_app(
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    docs = docs_page(settings)
+    docs_headers = {
+        "content-security-policy": DOCS_CSP,
+        "x-content-type-options": "nosniff",
+        "referrer-policy": "no-referrer",
+    }
+
+    async def openapi_json(request: Request) -> Response:
+        exchange_of(request.scope).route = "/openapi.json"
+        return Response(docs.json, media_type="application/json")
+
+    async def docs_html(request: Request) -> Response:
+        exchange_of(request.scope).route = "/docs"
+        return Response(docs.html, media_type="text/html", headers=docs_headers)
+
+    async def docs_css(request: Request) -> Response:
+        exchange_of(request.scope).route = "/docs"
+        return Response(docs.css, media_type="text/css", headers=docs_headers)
+
     routes: list[Any] = [
         # Reached only by other methods (a 405): ImageRoutes takes the POSTs first.
         *(Route(path, endpoint, methods=["POST"]) for path, endpoint in image_routes.items()),
@@ -137,6 +157,9 @@ def create_app(
         Route("/models/{model_id:path}", model, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/openapi.json", openapi_json, methods=["GET"]),
+        Route("/docs", docs_html, methods=["GET"]),
+        Route(DOCS_CSS_PATH, docs_css, methods=["GET"]),
         *admin.routes(),
         *console.routes(),
     ]

@@ -9,6 +9,7 @@ the same as CSV under the header ``period,<by>,spent_usd,uncertain_usd,requests`
 
 from __future__ import annotations
 
+import calendar
 import csv
 import io
 from collections.abc import Iterable, Mapping, Sequence
@@ -65,12 +66,20 @@ def days(first: date, last: date) -> list[str]:
 
 
 def months(first: date, last: date) -> list[str]:
-    """The names of the months from ``first``'s to ``last``'s, oldest first."""
-    names, month = [], first.replace(day=1)
-    while month <= last:
-        names.append(month.strftime("%Y-%m"))
-        month = next_month(month)
+    """The names of the months from ``first``'s to ``last``'s, oldest first.
+
+    Counted as numbers, not dates: the month after December 9999 is no date at all.
+    """
+    names, (year, month) = [], (first.year, first.month)
+    while (year, month) <= (last.year, last.month):
+        names.append(f"{year:04d}-{month:02d}")
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
     return names
+
+
+def last_day(month: date) -> date:
+    """The last day of ``month``'s month."""
+    return month.replace(day=calendar.monthrange(month.year, month.month)[1])
 
 
 def wants_history(params: Mapping[str, str]) -> bool:
@@ -118,7 +127,7 @@ def _day(value: str, param: str, *, last: bool) -> date:
             first = date.fromisoformat(value + "-01")
             if not last:
                 return first
-            return next_month(first) - timedelta(days=1)
+            return last_day(first)
         if len(value) != 10:
             raise ValueError(value)
         return date.fromisoformat(value)
