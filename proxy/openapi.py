@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import jinja2
 import orjson
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
@@ -21,6 +20,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from . import response_models as answers
 from . import schemas
 from .config import Settings
+from .templating import environment
 
 REF = "#/components/schemas/{model}"
 # The docs page may load its own style sheet and nothing else, from nowhere else.
@@ -405,16 +405,16 @@ class DocsPage:
 
 def docs_page(settings: Settings) -> DocsPage:
     spec = document(settings)
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("proxy", "templates"),
-        autoescape=True,
-    )
-    env.filters["pretty"] = lambda value: orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+    env = environment("proxy", strict=False, pretty=_pretty)
     html = env.get_template("docs.html").render(
         spec=spec, css=DOCS_CSS_PATH.lstrip("/"), operations=list(_operations(spec))
     )
     css = resources.files("proxy").joinpath("templates/docs.css").read_text("utf-8")
     return DocsPage(orjson.dumps(spec), html, css)
+
+
+def _pretty(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
 
 
 def _operations(spec: dict[str, Any]) -> Any:

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-import jinja2
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ..errors import ProxyError
 from ..exchange import exchange_of
+from ..templating import environment
 from .chart import dollars
 from .session import COOKIE, Session, Sessions
 
@@ -46,16 +46,8 @@ class Page:
 Handler = Callable[[Page], Awaitable[Response]]
 
 
-def templates() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("proxy.console", "templates"),
-        autoescape=True,
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-    )
-    env.filters["usd"] = lambda micros: "no limit" if micros is None else dollars(micros)
-    return env
+def _usd(micros: int | None) -> str:
+    return "no limit" if micros is None else dollars(micros)
 
 
 class Web:
@@ -63,7 +55,7 @@ class Web:
 
     def __init__(self, sessions: Sessions | None) -> None:
         self.sessions = sessions
-        self.env = templates()
+        self.env = environment("proxy.console", usd=_usd)
 
     def render(
         self, name: str, status: int = 200, *, session: Session | None = None, **context: Any
