@@ -4,6 +4,7 @@ input or a store away gives a page that says so, never a 500."""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -251,3 +252,45 @@ def test_a_limit_field_that_is_not_a_number_is_refused_naming_it(text: str) -> N
     with pytest.raises(InvalidRequest) as refused:
         _limits({"rpm": text}, ("rpm",))
     assert refused.value.param == "rpm"
+
+
+def test_the_calls_list_pages_through_the_log_newest_first(
+    proxy: Proxy, browser_like: httpx.Client
+) -> None:
+    key = proxy.new_key(name="pager")
+    client = proxy.sdk(key, max_retries=0)
+    for prompt in ("one", "two", "three"):
+        client.images.generate(model="gpt-image-2-vip", prompt=prompt)
+    seen: list[str] = []
+    path: str | None = "/console/calls?limit=2"
+    pages = 0
+    while path is not None:
+        for _ in range(50):  # the log's writer runs in the background
+            page = browser_like.get(path)
+            found = re.findall(r"<code>(req_[0-9a-f]+)</code>", page.text)
+            if pages or len(found) == 2:
+                break
+            time.sleep(0.05)
+        assert page.status_code == 200
+        seen += found
+        pages += 1
+        older = re.search(r'href="(/console/calls\?[^"]*cursor=[^"]+)">Older', page.text)
+        path = older.group(1).replace("&amp;", "&") if older else None
+    assert pages == 2 and len(seen) == 3 and len(set(seen)) == 3
+
+
+def test_the_keys_list_pages_by_fifty_and_search_narrows_it(
+    proxy: Proxy, browser_like: httpx.Client
+) -> None:
+    for i in range(53):
+        proxy.new_key(name=f"batch {i:02d}", team="bulk" if i % 2 else None)
+    first = browser_like.get("/console/keys")
+    assert "53 keys" in first.text and "Page 1 of 2" in first.text
+    rows = re.findall(r'<th scope="row"><a href="/console/keys/key_', first.text)
+    assert len(rows) == 50
+    second = browser_like.get("/console/keys?page=2")
+    assert len(re.findall(r'<th scope="row"><a href="/console/keys/key_', second.text)) == 3
+    narrowed = browser_like.get("/console/keys?q=BATCH 1")  # name, any case
+    assert "10 keys matching" in narrowed.text
+    by_team = browser_like.get("/console/keys?q=bulk")
+    assert "26 keys matching" in by_team.text

@@ -29,6 +29,7 @@ from .web import HEADERS, Page, Web, read_form, same_origin
 
 KEYS_PAGE = 50  # keys a page of the keys list shows
 CALLS_PAGE = 50
+CALLS_PAGE_MAX = 500
 USAGE_ROWS = 500  # rows the usage page shows; the CSV has them all
 CHART_DAYS = 30
 MAX_FORM_NUMBER = 10**15  # past any limit the ledger takes, before a float would round
@@ -339,7 +340,8 @@ class Console:
         params = page.request.query_params
         key, team = params.get("key") or None, params.get("team") or None
         cursor = params.get("cursor") or None
-        records, after = await self.admin.requests_page(key, team, CALLS_PAGE, cursor)
+        size = min(_whole(params.get("limit"), CALLS_PAGE), CALLS_PAGE_MAX)
+        records, after = await self.admin.requests_page(key, team, size, cursor)
         keys = await self.ledger.call("usage", self.store.keys, READ)
         return self.web.render(
             "calls.html",
@@ -351,6 +353,7 @@ class Console:
             team=team or "",
             after=after,
             first_page=cursor is None,
+            limit="" if size == CALLS_PAGE else str(size),
         )
 
 
