@@ -14,6 +14,8 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from ..errors import ProxyError
 from ..exchange import exchange_of
+from ..money import usd_text
+from ..store import Limits
 from ..templating import environment
 from .chart import dollars
 from .session import COOKIE, Session, Sessions
@@ -50,12 +52,26 @@ def _usd(micros: int | None) -> str:
     return "no limit" if micros is None else dollars(micros)
 
 
+def _limit_fields(limits: Limits) -> dict[str, str]:
+    """A form's limit fields as the limits stand: exact amounts, blank for no limit."""
+
+    def text(value: int | None, money: bool = False) -> str:
+        return "" if value is None else usd_text(value) if money else str(value)
+
+    return {
+        "daily_usd": text(limits.daily_micros, money=True),
+        "monthly_usd": text(limits.monthly_micros, money=True),
+        "rpm": text(limits.rpm),
+        "concurrency": text(limits.concurrency),
+    }
+
+
 class Web:
     """Renders pages and guards the routes."""
 
     def __init__(self, sessions: Sessions | None) -> None:
         self.sessions = sessions
-        self.env = environment("proxy.console", usd=_usd)
+        self.env = environment("proxy.console", usd=_usd, limit_fields=_limit_fields)
 
     def render(
         self, name: str, status: int = 200, *, session: Session | None = None, **context: Any
