@@ -164,8 +164,10 @@ async def history(
     else:
         # A model's spend is kept in each group it was spent in: every team's, and
         # that of every key without a team.
-        groups = {group_of("", name) for name in await _team_names(ledger, keys)}
-        groups |= {group_of(k.id, None) for k in keys if not k.team}
+        teams = [name for name in await _team_names(ledger, keys) if not team or name == team]
+        groups = {group_of("", name) for name in teams}
+        if not team:
+            groups |= {group_of(k.id, None) for k in keys if not k.team}
         names = {group: list(models) for group in sorted(groups)}
     periods = query.periods()
     found = await ledger.call(

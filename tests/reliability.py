@@ -167,6 +167,19 @@ SCENARIOS = (
             "test_results.py::*",
         ),
     ),
+    Scenario(
+        "The console and the API document",
+        "a forged, expired or signed-out session opens nothing; a form without its CSRF "
+        "token or sent from another site changes nothing; failed sign-ins are limited; bad "
+        "form input and a store away are pages that say so, never a 500; generated calls "
+        "to every documented operation get no 5xx and no answer the document contradicts",
+        (
+            "test_console.py::*",
+            "test_console_session.py::*",
+            "test_console_browser.py::test_a_wrong_token_*",
+            "test_schemathesis.py::*",
+        ),
+    ),
 )
 
 

@@ -362,3 +362,13 @@ def test_reconciliation_window_counts_each_day_once_in_days_then_months() -> Non
     ]
     assert window_periods("2026-12-01", "2026-12-02") == ["2026-12-01", "2026-12-02"]
     assert window_periods("2025-12-31", "2026-01-01") == ["2025-12-31", "2026-01"]
+
+
+def test_a_team_narrows_a_history_by_model_to_that_teams_spend(shop: dict[str, Any]) -> None:
+    proxy, now = shop["proxy"], today()
+    design = admin_usage(
+        proxy, **{"from": "2026-11-03", "to": now, "by": "model", "team": "design"}
+    )
+    models = {(row["period"], row["model"]): row["spent_usd"] for row in design.json()["rows"]}
+    # carol's spend (no team) is not design's: neither her 2026-11-03 call nor today's.
+    assert models == {("2026-11-03", VIP): 0.06, (now, VIP): pytest.approx(0.06)}

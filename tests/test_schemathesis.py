@@ -98,6 +98,7 @@ def operations() -> list[tuple[str, str]]:
     return [(method.upper(), path) for path, ops in spec["paths"].items() for method in ops]
 
 
+@pytest.mark.cases(EXAMPLES)
 @pytest.mark.parametrize(("method", "path"), operations())
 def test_the_proxy_answers_as_its_document_says(
     api: Any, served: Served, method: str, path: str

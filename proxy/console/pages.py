@@ -398,11 +398,11 @@ def _limits(form: Mapping[str, str], fields: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _history_params(params: Mapping[str, str]) -> dict[str, str]:
-    """The usage page's form: ``from``, ``to``, ``by`` and ``period``, blank ones left
-    to their defaults."""
+    """The usage page's form: ``from``, ``to``, ``by``, ``period`` and ``team`` (the
+    keys of one team, or that team alone), blank ones left to their defaults."""
     chosen = {
         name: params[name].strip()
-        for name in ("from", "to", "by", "period")
+        for name in ("from", "to", "by", "period", "team")
         if params.get(name, "").strip()
     }
     chosen.setdefault("period", "day")  # a history, never the all-keys totals
