@@ -62,8 +62,12 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
 def bears(headers: Mapping[str, str], token: str) -> bool:
     """Whether the request carries ``token`` as its bearer token (compared in constant
     time): the admin token for /admin, the metrics token for /metrics."""
-    given = bearer_token(headers) or ""
-    return hmac.compare_digest(given.encode(), token.encode())
+    return same_secret(bearer_token(headers) or "", token)
+
+
+def same_secret(given: str, secret: str) -> bool:
+    """``given`` is ``secret``, compared in constant time."""
+    return hmac.compare_digest(given.encode(), secret.encode())
 
 
 class Authenticator:

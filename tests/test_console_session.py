@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from proxy.auth import same_secret
 from proxy.console.session import (
     SESSION_SECONDS,
     SIGN_IN_ATTEMPTS,
     SIGN_IN_WINDOW_SECONDS,
     Sessions,
     SignInLimiter,
-    token_matches,
 )
 
 TOKEN = "t" * 40
@@ -72,7 +72,7 @@ def test_failed_sign_ins_are_limited_per_address_for_a_window() -> None:
 
 
 def test_the_token_comparison_matches_only_the_token() -> None:
-    assert token_matches(TOKEN, TOKEN)
-    assert not token_matches(TOKEN[:-1], TOKEN)
-    assert not token_matches(TOKEN + "x", TOKEN)
-    assert not token_matches("ü" * 40, TOKEN)
+    assert same_secret(TOKEN, TOKEN)
+    assert not same_secret(TOKEN[:-1], TOKEN)
+    assert not same_secret(TOKEN + "x", TOKEN)
+    assert not same_secret("ü" * 40, TOKEN)

@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from .. import usage
 from ..admin import Admin, csv_response
+from ..auth import same_secret
 from ..config import Settings
 from ..errors import InvalidRequest
 from ..exchange import exchange_of
@@ -24,7 +25,7 @@ from ..limits import KEY_LIMIT_FIELDS, TEAM_LIMIT_FIELDS
 from ..metrics import Metrics
 from ..store import KeyRecord, Tally
 from .chart import Day, layout
-from .session import COOKIE, SESSION_SECONDS, Sessions, SignInLimiter, token_matches
+from .session import COOKIE, SESSION_SECONDS, Sessions, SignInLimiter
 from .web import HEADERS, Page, Web, read_form, same_origin
 
 KEYS_PAGE = 50  # keys a page of the keys list shows
@@ -114,7 +115,7 @@ class Console:
             return response
         form = await read_form(request) if same_origin(request) else None
         token = (form or {}).get("token", [""])[-1]
-        if not token or not token_matches(token, self.token):
+        if not token or not same_secret(token, self.token):
             self.limiter.failed(address)
             return web.render("signin.html", 401, error="That is not the admin token.")
         cookie, _ = web.sessions.issue()

@@ -121,7 +121,3 @@ class SignInLimiter:
         while failures and failures[0] <= self._clock() - self._window:
             failures.popleft()
         return failures
-
-
-def token_matches(sent: str, admin_token: str) -> bool:
-    return hmac.compare_digest(sent.encode(), admin_token.encode())
