@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .errors import InvalidRequest
 from .ledger import Ledger
 from .money import usd_text
-from .store import KeyRecord, Periods, Spend, group_of, keys_by_group
+from .store import KeyRecord, Periods, Spend, Tally, group_of, keys_by_group
 
 By = Literal["key", "team", "model"]
 BY: tuple[By, ...] = ("key", "team", "model")
@@ -158,13 +158,13 @@ async def history(
             k for k in keys if (not key or k.id == key) and (not team or k.team == team)
         )
     elif query.by == "team":
-        for name in await _team_names(ledger, keys):
+        for name in await team_names(ledger, keys):
             if not team or name == team:
                 names[group_of("", name)] = [name]
     else:
         # A model's spend is kept in each group it was spent in: every team's, and
         # that of every key without a team.
-        teams = [name for name in await _team_names(ledger, keys) if not team or name == team]
+        teams = [name for name in await team_names(ledger, keys) if not team or name == team]
         groups = {group_of("", name) for name in teams}
         if not team:
             groups |= {group_of(k.id, None) for k in keys if not k.team}
@@ -181,7 +181,7 @@ async def history(
     return answer
 
 
-async def _team_names(ledger: Ledger, keys: Sequence[KeyRecord]) -> list[str]:
+async def team_names(ledger: Ledger, keys: Sequence[KeyRecord]) -> list[str]:
     """Every team: those set on their own and those of keys."""
     teams = await ledger.call("usage", ledger.store.teams, REPORT_TIMEOUT_SECONDS)
     return sorted({t.name for t in teams} | {k.team for k in keys if k.team})
@@ -268,14 +268,22 @@ async def usage_report(
     ]
     team_rows = [
         {"team": t, **await tallies(ledger, "team", t, periods)}
-        for t in await _team_names(ledger, keys)
+        for t in await team_names(ledger, keys)
         if not team or t == team
     ]
     return {"day": periods.day, "month": periods.month, "keys": rows, "teams": team_rows}
 
 
 async def tallies(ledger: Ledger, scope: str, name: str, periods: Periods) -> dict[str, Any]:
+    day, month = await day_and_month(ledger, scope, name, periods)
+    return {"today": day.as_usd(), "this_month": month.as_usd()}
+
+
+async def day_and_month(
+    ledger: Ledger, scope: str, name: str, periods: Periods
+) -> tuple[Tally, Tally]:
+    """The money of key or team ``name`` (``scope``) today and this month."""
     store = ledger.store
     day = await ledger.call("usage", lambda: store.tally(scope, name, periods.day))
     month = await ledger.call("usage", lambda: store.tally(scope, name, periods.month))
-    return {"today": day.as_usd(), "this_month": month.as_usd()}
+    return day, month

@@ -155,7 +155,7 @@ class Console:
         monthly = await self._spend_by_period(today.replace(day=1), today, "month")
         days = [daily.get(d, Day(d, 0, 0)) for d in usage.days(today - timedelta(29), today)]
         month = monthly.get(periods.month, Day(periods.month, 0, 0))
-        teams = await self._team_names(keys)
+        teams = await usage.team_names(self.ledger, keys)
         return self.web.render(
             "overview.html",
             session=page.session,
@@ -184,16 +184,7 @@ class Console:
         return totals
 
     async def _spend(self, scope: str, name: str) -> Spend:
-        periods = self.ledger.periods()
-        day = await self.ledger.call("usage", lambda: self.store.tally(scope, name, periods.day))
-        month = await self.ledger.call(
-            "usage", lambda: self.store.tally(scope, name, periods.month)
-        )
-        return Spend(day, month)
-
-    async def _team_names(self, keys: list[KeyRecord]) -> list[str]:
-        teams = await self.ledger.call("usage", self.store.teams, READ)
-        return sorted({t.name for t in teams} | {k.team for k in keys if k.team})
+        return Spend(*await usage.day_and_month(self.ledger, scope, name, self.ledger.periods()))
 
     # keys ------------------------------------------------------------------------------
     async def keys(self, page: Page, *, created: tuple[str, KeyRecord] | None = None,
@@ -282,7 +273,7 @@ class Console:
         keys = await self.ledger.call("usage", self.store.keys, READ)
         stored = {t.name: t for t in await self.ledger.call("usage", self.store.teams, READ)}
         rows = []
-        for name in await self._team_names(keys):
+        for name in await usage.team_names(self.ledger, keys):
             members = sum(1 for k in keys if k.team == name and not k.revoked)
             rows.append((name, stored.get(name), members, await self._spend("team", name)))
         edit = page.request.query_params.get("edit", "")
