@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Literal
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -69,7 +69,7 @@ class Console:
     def routes(self) -> list[Route]:
         page = self.web.page
         return [
-            Route("/console", self.overview, methods=["GET"]),
+            Route("/console", page(self.overview, signed_out=self.sign_in_page), methods=["GET"]),
             Route("/console/login", self.sign_in, methods=["POST"]),
             Route("/console/logout", page(self.sign_out, changes=True), methods=["POST"]),
             Route("/console/keys", page(self.keys), methods=["GET"]),
@@ -89,16 +89,8 @@ class Console:
         ]
 
     # signing in and out ------------------------------------------------------------
-    async def overview(self, request: Request) -> Response:
-        exchange_of(request.scope).route = "/console"
-        if self.web.sessions is None:
-            return self.web.off()
-        session = self.web.session_of(request)
-        if session is None:
-            return self.web.render("signin.html")
-        guarded = self.web.page(self._overview)
-        response: Response = await guarded(request)
-        return response
+    def sign_in_page(self) -> Response:
+        return self.web.render("signin.html")
 
     async def sign_in(self, request: Request) -> Response:
         exchange_of(request.scope).route = "/console"
@@ -147,13 +139,14 @@ class Console:
         return Response(self.static[name], media_type=STATIC[name], headers=headers)
 
     # overview --------------------------------------------------------------------------
-    async def _overview(self, page: Page) -> Response:
+    async def overview(self, page: Page) -> Response:
         periods = self.ledger.periods()
         today = date.fromisoformat(periods.day)
         keys = await self.ledger.call("usage", self.store.keys, READ)
-        daily = await self._spend_by_period(today - timedelta(days=CHART_DAYS - 1), today, "day")
+        first = today - timedelta(days=CHART_DAYS - 1)
+        daily = await self._spend_by_period(first, today, "day")
         monthly = await self._spend_by_period(today.replace(day=1), today, "month")
-        days = [daily.get(d, Day(d, 0, 0)) for d in usage.days(today - timedelta(29), today)]
+        days = [daily.get(d, Day(d, 0, 0)) for d in usage.days(first, today)]
         month = monthly.get(periods.month, Day(periods.month, 0, 0))
         teams = await usage.team_names(self.ledger, keys)
         return self.web.render(
@@ -170,8 +163,11 @@ class Console:
             key_count=sum(1 for k in keys if not k.revoked),
         )
 
-    async def _spend_by_period(self, start: date, end: date, period: str) -> dict[str, Day]:
-        query = usage.Query(start, end, "model", "month" if period == "month" else "day")
+    async def _spend_by_period(
+        self, start: date, end: date, period: Literal["day", "month"]
+    ) -> dict[str, Day]:
+        """Spend of every model added up per period of the range, by period name."""
+        query = usage.Query(start, end, "model", period)
         rows = await usage.history(self.ledger, query, self.models)
         totals: dict[str, Day] = {}
         for row in rows:
@@ -292,8 +288,8 @@ class Console:
 
     async def set_team(self, page: Page) -> Response:
         try:
-            name = page.form.get("name", "").strip()
-            body = {"name": name, **_limits(page.form, TEAM_LIMIT_FIELDS)}
+            form = page.form
+            body = {"name": form.get("name", "").strip(), **_limits(form, TEAM_LIMIT_FIELDS)}
             team, _ = await self.admin.set_team(None, body)
         except InvalidRequest as error:
             return await self.teams(page, error=error, status=400)

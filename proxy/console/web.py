@@ -41,8 +41,12 @@ class Page:
 
     request: Request
     session: Session
-    form: Mapping[str, str] = field(default_factory=dict)
-    lists: Mapping[str, list[str]] = field(default_factory=dict)
+    lists: Mapping[str, list[str]] = field(default_factory=dict)  # every value of a field
+
+    @property
+    def form(self) -> dict[str, str]:
+        """Each field's value (the last, if it was sent more than once)."""
+        return {name: values[-1] for name, values in self.lists.items()}
 
 
 Handler = Callable[[Page], Awaitable[Response]]
@@ -91,9 +95,16 @@ class Web:
             return None
         return self.sessions.check(request.cookies.get(COOKIE))
 
-    def page(self, handler: Handler, *, changes: bool = False) -> Callable[..., Any]:
+    def page(
+        self,
+        handler: Handler,
+        *,
+        changes: bool = False,
+        signed_out: Callable[[], Response] | None = None,
+    ) -> Callable[..., Any]:
         """``handler`` behind the guard: signed in, and for a change (a POST) from
-        this origin with the session's CSRF token."""
+        this origin with the session's CSRF token. Signed out, a page answers
+        ``signed_out()`` if given, else sends the browser to the sign-in page."""
 
         async def endpoint(request: Request) -> Response:
             exchange_of(request.scope).route = "/console"
@@ -103,7 +114,7 @@ class Web:
             if session is None:
                 if changes:
                     return self.problem(401, "Signed out: sign in again, then repeat this.")
-                return self.redirect("/console")
+                return signed_out() if signed_out else self.redirect("/console")
             page = Page(request, session)
             if changes:
                 refusal = await self.check_change(page)
@@ -125,7 +136,6 @@ class Web:
         if form is None:
             return self.problem(400, "Refused: send the form as the console's page does.")
         page.lists = form
-        page.form = {name: values[-1] for name, values in form.items()}
         assert self.sessions is not None
         if not self.sessions.csrf_ok(page.session, page.form.get("csrf")):
             return self.problem(
