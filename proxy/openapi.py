@@ -19,6 +19,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from . import response_models as answers
 from . import schemas
+from .admin import REQUESTS_PAGE_MAX
 from .config import Settings
 from .templating import environment
 
@@ -132,7 +133,12 @@ BY = query("by", "Rows per key, team or model.", enum=["key", "team", "model"])
 NARROW = (query("key", "Only this key id."), query("team", "Only this team."))
 REQUEST_LOG = (
     *NARROW,
-    Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size."),
+    Param(
+        "limit",
+        "query",
+        {"type": "integer", "minimum": 1, "maximum": REQUESTS_PAGE_MAX},
+        "Page size.",
+    ),
     query("cursor", "The next_cursor of the page before."),
     query("format", "json (a page) or csv (the whole filtered log).", enum=["json", "csv"]),
 )
