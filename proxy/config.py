@@ -35,6 +35,7 @@ from pydantic_core import ErrorDetails
 
 from .limits import LimitError
 from .redis_url import RedisTarget, RedisURLError
+from .schemas import field_path
 from .settings import (
     REQUEST_LOG_MAX_MEMORY,
     REQUEST_LOG_MAX_SHARED,
@@ -292,7 +293,7 @@ _EXPECTED = {
 
 def _explain(error: ErrorDetails) -> str:
     """One validation error as ``section.field[i]: why, got value``."""
-    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+    where = field_path(error["loc"])
     kind, value = error["type"], error["input"]
     if kind == "literal_error":
         why = f"must be {error.get('ctx', {}).get('expected')}"  # 'a', 'b' or 'c'
@@ -302,7 +303,7 @@ def _explain(error: ErrorDetails) -> str:
         value, dict | list
     ):
         why += f", got {value!r}"
-    return f"{where.lstrip('.') or 'config'}: {why}"
+    return f"{where or 'config'}: {why}"
 
 
 def check_serving(s: Settings) -> None:
